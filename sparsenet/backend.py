@@ -1,0 +1,73 @@
+"""NumPy/CuPy dispatch: the one place that knows CuPy exists.
+
+Layer code receives arrays and calls :func:`get_array_module` on them (as Chainer v1's
+``cuda.get_array_module``), so the same lines run on NumPy (CPU) and CuPy (GPU). CuPy is
+imported lazily and only here; NumPy is the default.
+
+The device is chosen by ``--device cpu|gpu`` on the command line, else the environment
+variable ``SPARSENET_DEVICE``, else ``cpu``.
+"""
+import os
+
+import numpy
+
+from .util import SparsenetError
+
+DEVICES = ("cpu", "gpu")
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    for a in arrays:
+        if type(a).__module__.split(".")[0] == "cupy":
+            import cupy
+
+            return cupy
+    return numpy
+
+
+def resolve_device(device=None):
+    """``device`` if given, else ``$SPARSENET_DEVICE``, else ``"cpu"``; validated."""
+    device = device or os.environ.get("SPARSENET_DEVICE") or "cpu"
+    device = device.lower()
+    if device not in DEVICES:
+        raise SparsenetError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    return device
+
+
+def array_module(device=None):
+    """The array module for a device name: ``numpy`` for cpu, ``cupy`` for gpu.
+
+    Raises :class:`SparsenetError` (one line) when the GPU is asked for but CuPy is not
+    installed or sees no CUDA device.
+    """
+    if resolve_device(device) == "cpu":
+        return numpy
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising on import
+        raise SparsenetError(
+            f"--device gpu needs CuPy, which could not be imported ({type(e).__name__}: {e}); "
+            "install it with: pip install 'sparsenet[gpu]'"
+        ) from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise SparsenetError(f"--device gpu: CuPy found no usable CUDA device ({e})") from None
+    if n < 1:
+        raise SparsenetError("--device gpu: CuPy found no CUDA device")
+    return cupy
+
+
+def asnumpy(a):
+    """Copy a CuPy array to the host; return NumPy arrays (and scalars) as NumPy arrays."""
+    if get_array_module(a) is not numpy:
+        return a.get()
+    return numpy.asarray(a)
+
+
+def to_device(a, xp):
+    """Move a host or device array onto the module ``xp`` (no copy if already there)."""
+    if xp is numpy:
+        return asnumpy(a)
+    return xp.asarray(a)

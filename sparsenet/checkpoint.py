@@ -1,0 +1,122 @@
+"""HDF5 checkpoints: weights, masks, optimiser state, RNG state, epoch and config.
+
+Layout (readable with h5py alone; no pickle anywhere)::
+
+    /                      attrs: format="sparsenet-checkpoint", version=1,
+                                  network (JSON: Network.spec()), config (JSON),
+                                  epoch (int), optimizer (JSON: SGD.state_dict()),
+                                  rng (JSON: NumPy bit-generator state, or "null")
+    /params/<layer.param>  float32 values, pruned entries exactly 0
+    /masks/<layer.param>   uint8, 1 = kept, 0 = pruned
+    /velocity/<layer.param> float32 momentum (optional: absent for a bare model)
+
+Files are written to a temporary name and renamed into place, so a killed run leaves
+either the previous checkpoint or the new one. Loading validates everything it reads
+and raises :class:`SparsenetError` naming the file and the problem.
+"""
+import json
+from pathlib import Path
+
+import h5py
+import numpy
+
+from .backend import asnumpy, to_device
+from .model import build_network
+from .util import SparsenetError, atomic_path
+
+FORMAT, VERSION = "sparsenet-checkpoint", 1
+
+
+def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None):
+    """Write ``net`` (and optionally optimiser/RNG state) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["network"] = json.dumps(net.spec())
+            f.attrs["config"] = json.dumps(config or {})
+            f.attrs["epoch"] = int(epoch)
+            f.attrs["optimizer"] = json.dumps(optimizer.state_dict() if optimizer else None)
+            f.attrs["rng"] = json.dumps(rng.bit_generator.state if rng is not None else None)
+            for name, p in net.params().items():
+                f.create_dataset(f"params/{name}", data=asnumpy(p.data))
+                f.create_dataset(f"masks/{name}", data=asnumpy(p.mask).astype(numpy.uint8))
+                if optimizer is not None:
+                    f.create_dataset(f"velocity/{name}", data=asnumpy(optimizer.velocity[name]))
+
+
+class Checkpoint:
+    """What :func:`load_checkpoint` returns: ``net`` plus the saved training state."""
+
+    def __init__(self, net, config, epoch, optimizer_state, velocity, rng_state):
+        self.net, self.config, self.epoch = net, config, epoch
+        self.optimizer_state, self.velocity, self.rng_state = optimizer_state, velocity, rng_state
+
+
+def _json_attr(f, key, path):
+    if key not in f.attrs:
+        raise SparsenetError(f"{path}: not a sparsenet checkpoint (attribute {key!r} missing)")
+    try:
+        return json.loads(f.attrs[key])
+    except (TypeError, ValueError) as e:
+        raise SparsenetError(f"{path}: attribute {key!r} is not valid JSON ({e})") from None
+
+
+def _read(f, key, shape, path):
+    if key not in f:
+        raise SparsenetError(f"{path}: dataset {key!r} is missing")
+    d = f[key]
+    if not isinstance(d, h5py.Dataset) or tuple(d.shape) != tuple(shape):
+        raise SparsenetError(f"{path}: {key!r} has shape {getattr(d, 'shape', None)}, expected {tuple(shape)}")
+    a = d[()]
+    if not numpy.all(numpy.isfinite(a)):
+        raise SparsenetError(f"{path}: {key!r} holds NaN or infinite values")
+    return a
+
+
+def load_checkpoint(path, xp=numpy):
+    """Read a checkpoint written by :func:`save_checkpoint` onto the array module ``xp``.
+
+    Checks: the file is HDF5 with the sparsenet format tag; every parameter, mask and
+    velocity array is present with the network's shape and finite; masks are 0/1; pruned
+    weights (and their momentum) are exactly 0 — a file violating that is rejected rather
+    than silently "repaired", because it would mean a pruned connection came back.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SparsenetError(f"{path}: no such checkpoint file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise SparsenetError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        if f.attrs.get("format") != FORMAT:
+            raise SparsenetError(f"{path}: not a sparsenet checkpoint (format tag missing)")
+        if int(f.attrs.get("version", -1)) != VERSION:
+            raise SparsenetError(f"{path}: checkpoint version {f.attrs.get('version')} is not supported (expected {VERSION})")
+        spec = _json_attr(f, "network", path)
+        config = _json_attr(f, "config", path)
+        opt_state = _json_attr(f, "optimizer", path)
+        rng_state = _json_attr(f, "rng", path)
+        epoch = int(f.attrs.get("epoch", 0))
+        try:
+            net = build_network(spec, xp=xp)
+        except (SparsenetError, TypeError, ValueError) as e:
+            raise SparsenetError(f"{path}: cannot rebuild the network: {e}") from None
+        velocity = {}
+        for name, p in net.params().items():
+            W = _read(f, f"params/{name}", p.data.shape, path).astype(numpy.float32)
+            M = _read(f, f"masks/{name}", p.data.shape, path)
+            if not numpy.isin(M, (0, 1)).all():
+                raise SparsenetError(f"{path}: mask {name!r} holds values other than 0 and 1")
+            pruned = M == 0
+            if numpy.any(W[pruned] != 0):
+                raise SparsenetError(f"{path}: {name!r} has non-zero weights at pruned positions")
+            p.data = to_device(W, xp)
+            p.mask = to_device(M.astype(numpy.float32), xp)
+            if opt_state is not None:
+                V = _read(f, f"velocity/{name}", p.data.shape, path).astype(numpy.float32)
+                if numpy.any(V[pruned] != 0):
+                    raise SparsenetError(f"{path}: momentum of {name!r} is non-zero at pruned positions")
+                velocity[name] = to_device(V, xp)
+    return Checkpoint(net, config, epoch, opt_state, velocity, rng_state)

@@ -1,0 +1,260 @@
+"""MNIST / Fashion-MNIST loader for the IDX file format (gzip-compressed or raw).
+
+Data directory, first match wins:
+
+1. the ``data_dir`` argument (``--data-dir`` on the command line);
+2. the environment variable ``SPARSENET_DATA``;
+3. ``./data``, relative to the current working directory.
+
+Each file of dataset ``<name>`` is looked for in ``<data_dir>/<name>/`` and then in the
+spec's extra directories (e.g. ``/usr/share/datasets/fashion-mnist`` from Debian's
+``dataset-fashion-mnist``), as ``<file>.gz`` or uncompressed ``<file>``. Missing files are
+downloaded, if allowed, into ``<data_dir>/<name>/`` from the spec's mirrors in turn.
+
+Checksum policy: every checksum is the SHA-256 of the *uncompressed* IDX bytes, so a
+re-compressed copy (Debian's, or one you gunzipped yourself) still verifies. A download
+is always verified before it is renamed into place, so a failed or corrupt download
+leaves nothing behind. Files found on disk are verified when ``verify=True`` (default).
+"""
+import gzip
+import hashlib
+import http.client
+import os
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy
+
+from .util import SparsenetError, atomic_path
+
+DOWNLOAD_TIMEOUT = 30  # seconds, per network operation
+_CHUNK = 1 << 16
+
+# IDX type code -> dtype (multi-byte values are big-endian in the file).
+_IDX_TYPES = {
+    0x08: numpy.dtype("u1"),
+    0x09: numpy.dtype("i1"),
+    0x0B: numpy.dtype(">i2"),
+    0x0C: numpy.dtype(">i4"),
+    0x0D: numpy.dtype(">f4"),
+    0x0E: numpy.dtype(">f8"),
+}
+
+
+class DataError(SparsenetError):
+    """A data file is missing, unreadable, malformed or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where to find a dataset and how to check it.
+
+    ``files`` maps file name (without ``.gz``) to the SHA-256 of its uncompressed bytes,
+    in the order: train images, train labels, test images, test labels. A mirror is a
+    base URL; the file fetched is ``<mirror><file>.gz``.
+    """
+
+    name: str
+    files: dict
+    mirrors: tuple = ()
+    extra_dirs: tuple = ()
+
+
+DATASETS = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        files={
+            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+    ),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        files={
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        extra_dirs=("/usr/share/datasets/fashion-mnist",),
+    ),
+}
+
+
+class Dataset(NamedTuple):
+    """Images uint8 ``(N, rows, cols)``; labels int64 ``(N,)``."""
+
+    x_train: numpy.ndarray
+    y_train: numpy.ndarray
+    x_test: numpy.ndarray
+    y_test: numpy.ndarray
+
+
+def resolve_data_dir(data_dir=None):
+    """``data_dir`` if given, else ``$SPARSENET_DATA``, else ``./data``."""
+    return Path(data_dir or os.environ.get("SPARSENET_DATA") or "data").expanduser()
+
+
+def _read_bytes(path, gz=None):
+    """The uncompressed bytes of ``path``; gzip if ``gz`` (default: name ends in .gz)."""
+    if gz is None:
+        gz = str(path).endswith(".gz")
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        kind = "corrupt or truncated gzip file" if gz else "cannot read file"
+        raise DataError(f"{path}: {kind}: {str(e) or type(e).__name__}") from None
+
+
+def _parse_idx(data, path):
+    """The array held by the IDX bytes ``data`` (``path`` is for messages)."""
+    if len(data) < 4 or data[:2] != b"\0\0":
+        hint = " (looks gzip-compressed; name it .gz)" if data[:2] == b"\x1f\x8b" else ""
+        raise DataError(f"{path}: not an IDX file: bad magic number {data[:4].hex()}{hint}")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_TYPES:
+        supported = ", ".join(f"0x{c:02x} {t.name}" for c, t in _IDX_TYPES.items())
+        raise DataError(f"{path}: unsupported IDX data type 0x{code:02x} (supported: {supported})")
+    if not 1 <= ndim <= 4:
+        raise DataError(f"{path}: unsupported IDX dimension count {ndim} (expected 1 to 4)")
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise DataError(f"{path}: truncated IDX header: {len(data)} bytes, need {offset}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_TYPES[code]
+    declared, found = int(numpy.prod(shape)) * dtype.itemsize, len(data) - offset
+    if found != declared:
+        kind = "truncated IDX file" if found < declared else "trailing bytes after IDX data"
+        raise DataError(f"{path}: {kind}: header declares {declared} bytes of data, found {found}")
+    arr = numpy.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="))  # a writable, native-order copy
+
+
+def read_idx(path):
+    """Read an IDX file (gzip-compressed if its name ends in .gz) into a NumPy array."""
+    return _parse_idx(_read_bytes(path), path)
+
+
+def _check_sha256(data, expected, path):
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise DataError(
+            f"{path}: checksum mismatch: expected sha256 {expected}, got {actual} "
+            "(corrupt, or not the expected release; delete it to re-download)"
+        )
+
+
+def _find(filename, dirs):
+    for d in dirs:
+        for candidate in (d / (filename + ".gz"), d / filename):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+
+
+def _open(url):
+    return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+
+
+def _download(spec, filename, dest):
+    """Fetch ``<mirror><filename>.gz`` into ``dest``, verified; the last failure if none works."""
+    reason = "no mirrors configured"
+    for mirror in spec.mirrors:
+        url = mirror + filename + ".gz"
+        try:
+            with atomic_path(dest) as tmp, _open(url) as r:
+                size = r.headers.get("Content-Length")
+                bar = _progress(int(size) if size and size.isdigit() else None, filename)
+                try:
+                    with open(tmp, "wb") as f:
+                        while chunk := r.read(_CHUNK):
+                            f.write(chunk)
+                            if bar is not None:
+                                bar.update(len(chunk))
+                finally:
+                    if bar is not None:
+                        bar.close()
+                _check_sha256(_read_bytes(tmp, gz=True), spec.files[filename], url)
+            return None
+        except (OSError, ValueError, http.client.HTTPException, DataError) as e:
+            reason = f"{url}: {e}" if not isinstance(e, DataError) else str(e)
+    return reason
+
+
+def load_dataset(name="mnist", data_dir=None, download=True, verify=True, spec=None):
+    """Load a dataset as a :class:`Dataset`; see the module docstring for the search order.
+
+    ``spec`` (a :class:`DatasetSpec`) overrides ``name``. Raises :class:`DataError`.
+    """
+    if spec is None:
+        if name not in DATASETS:
+            raise DataError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+        spec = DATASETS[name]
+    home = resolve_data_dir(data_dir) / spec.name
+    dirs = [home, *map(Path, spec.extra_dirs)]
+    fix = (
+        f"put the four files (.gz or uncompressed) in {home.absolute()}, or point "
+        f"--data-dir / SPARSENET_DATA at a directory containing {spec.name}/"
+    )
+    paths = {}
+    for filename in spec.files:
+        path = _find(filename, dirs)
+        if path is None:
+            where = ", ".join(str(d) for d in dirs)
+            if not download:
+                raise DataError(f"{spec.name}: missing {filename}(.gz), looked in {where}; {fix}")
+            path = home / (filename + ".gz")
+            reason = _download(spec, filename, path)
+            if reason is not None:
+                raise DataError(
+                    f"{spec.name}: missing {filename}(.gz), looked in {where}; "
+                    f"download failed: {reason}; {fix}"
+                )
+        paths[filename] = path
+
+    arrays = []
+    for filename, path in paths.items():
+        data = _read_bytes(path)
+        if verify:
+            _check_sha256(data, spec.files[filename], path)
+        arrays.append((path, _parse_idx(data, path)))
+
+    (pxr, xr), (pyr, yr), (pxt, xt), (pyt, yt) = arrays
+    for (px, x), (py, y) in (((pxr, xr), (pyr, yr)), ((pxt, xt), (pyt, yt))):
+        if x.ndim != 3 or y.ndim != 1:
+            raise DataError(
+                f"{px}, {py}: expected 3-D images and 1-D labels, got shapes {x.shape} and {y.shape}"
+            )
+        if len(x) != len(y):
+            raise DataError(f"{px}, {py}: {len(x)} images but {len(y)} labels")
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise DataError(f"{py}: labels must be in 0..9, found {y.min()}..{y.max()}")
+    return Dataset(xr, yr.astype(numpy.int64), xt, yt.astype(numpy.int64))
+
+
+def to_float(images):
+    """uint8 images as float32 in [0, 1] (divided by 255)."""
+    return numpy.asarray(images).astype(numpy.float32) / numpy.float32(255)

@@ -1,0 +1,171 @@
+"""Networks: an ordered stack of layers, and the paper's LeNet architectures.
+
+A network is described by its ``spec`` (a JSON-able list of layer descriptions plus the
+input shape), which checkpoints store; so a network whose layers were later shrunk
+(dead-neuron removal) rebuilds from its own file without knowing how it got there.
+"""
+import numpy
+
+from . import layers as L
+from .backend import get_array_module
+from .util import SparsenetError
+
+LAYER_KINDS = {cls.kind: cls for cls in (L.Linear, L.Conv2d, L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten)}
+
+
+def layer_from_spec(spec, rng=None, xp=numpy):
+    """Build one layer from a dict produced by ``Layer.spec()``."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in LAYER_KINDS:
+        raise SparsenetError(f"unknown layer kind {kind!r} in network description")
+    cls = LAYER_KINDS[kind]
+    if kind in ("linear", "conv2d"):
+        return cls(**spec, rng=rng, xp=xp)
+    return cls(**spec)
+
+
+class Network:
+    """A sequential network with a softmax cross-entropy head.
+
+    ``forward(x, train)`` returns logits; ``loss_and_backward(x, t)`` runs the forward
+    pass, the loss and the backward pass, leaving every ``Param.grad`` filled.
+    """
+
+    def __init__(self, layers, input_shape, name="", seed=0):
+        self.layers = list(layers)
+        self.input_shape = tuple(input_shape)
+        self.name = name
+        if self.layers:
+            self.layers[0].need_gx = False
+        xp = self.xp
+        self.dropout_rng = (numpy.random.default_rng(seed) if xp is numpy else xp.random.default_rng(seed))
+        for layer in self.layers:
+            if isinstance(layer, L.Dropout):
+                layer.rng = self.dropout_rng
+
+    # -- description -------------------------------------------------------------
+    @property
+    def xp(self):
+        for p in self.params().values():
+            return get_array_module(p.data)
+        return numpy
+
+    def spec(self):
+        return {"name": self.name, "input_shape": list(self.input_shape), "layers": [l.spec() for l in self.layers]}
+
+    def params(self):
+        """Ordered dict ``"layer.param" -> Param`` (e.g. ``"fc1.W"``)."""
+        return {f"{l.name}.{k}": p for l in self.layers for k, p in l.params.items()}
+
+    def layer(self, name):
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def count_params(self):
+        return sum(p.size for p in self.params().values())
+
+    def count_nonzero(self):
+        return sum(p.nonzero() for p in self.params().values())
+
+    def summary(self):
+        """One row per layer: name, kind, input/output shapes, params, survivors, MACs/sample."""
+        rows, shape = [], self.input_shape
+        for l in self.layers:
+            out = l.output_shape(shape)
+            W = l.params.get("W")
+            rows.append({
+                "name": l.name, "kind": l.kind,
+                "input_shape": list(shape), "output_shape": list(out),
+                "weight_shape": list(W.data.shape) if W is not None else None,
+                "params": sum(p.size for p in l.params.values()),
+                "nonzero_params": sum(p.nonzero() for p in l.params.values()),
+                "macs": l.macs(shape) if hasattr(l, "macs") else 0,
+            })
+            shape = out
+        return rows
+
+    # -- computation ---------------------------------------------------------------
+    def forward(self, x, train=False):
+        for l in self.layers:
+            x = l.forward(x, train)
+        return x
+
+    def backward(self, gy):
+        for l in reversed(self.layers):
+            gy = l.backward(gy)
+        return gy
+
+    def loss_and_backward(self, x, t):
+        """Training step without the update: returns ``(loss, logits)``."""
+        z = self.forward(x, train=True)
+        loss, cache = L.softmax_cross_entropy_forward(z, t)
+        self.backward(L.softmax_cross_entropy_backward(1.0, cache))
+        return loss, z
+
+    def predict(self, x, batch_size=1000):
+        """Predicted class of every row of ``x`` (inference mode, batched)."""
+        xp = get_array_module(x)
+        out = [self.forward(x[i:i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)]
+        for l in self.layers:
+            l.cache = None
+        return xp.concatenate(out) if out else xp.zeros(0, dtype=numpy.int64)
+
+    def error(self, x, t, batch_size=1000):
+        """Top-1 error (fraction) on ``(x, t)``."""
+        if len(x) == 0:
+            raise SparsenetError("cannot evaluate on an empty data set")
+        return float((self.predict(x, batch_size) != t).mean())
+
+
+# ----------------------------------------------------------------------------- models
+def lenet_300_100():
+    """LeNet-300-100: 784 → 300 → 100 → 10 with ReLU (266,610 parameters)."""
+    return (784,), [
+        {"kind": "linear", "name": "fc1", "n_in": 784, "n_out": 300},
+        {"kind": "relu", "name": "relu1"},
+        {"kind": "linear", "name": "fc2", "n_in": 300, "n_out": 100},
+        {"kind": "relu", "name": "relu2"},
+        {"kind": "linear", "name": "fc3", "n_in": 100, "n_out": 10},
+    ]
+
+
+def lenet_5():
+    """Caffe's LeNet-5 (431,080 parameters); input NHWC (28, 28, 1).
+
+    conv 20@5×5 → maxpool 2/2 → conv 50@5×5 → maxpool 2/2 → fc 800→500 → ReLU → fc 500→10.
+    """
+    return (28, 28, 1), [
+        {"kind": "conv2d", "name": "conv1", "c_in": 1, "c_out": 20, "k": 5},
+        {"kind": "maxpool2d", "name": "pool1", "k": 2, "stride": 2},
+        {"kind": "conv2d", "name": "conv2", "c_in": 20, "c_out": 50, "k": 5},
+        {"kind": "maxpool2d", "name": "pool2", "k": 2, "stride": 2},
+        {"kind": "flatten", "name": "flatten"},
+        {"kind": "linear", "name": "fc1", "n_in": 800, "n_out": 500},
+        {"kind": "relu", "name": "relu1"},
+        {"kind": "linear", "name": "fc2", "n_in": 500, "n_out": 10},
+    ]
+
+
+MODELS = {"lenet-300-100": lenet_300_100, "lenet-5": lenet_5}
+
+
+def build_network(spec, seed=0, xp=numpy):
+    """Build a network from a spec dict (``Network.spec()``), initialised from ``seed``."""
+    rng = numpy.random.default_rng(seed)
+    try:
+        layers = [layer_from_spec(s, rng, xp) for s in spec["layers"]]
+        input_shape = tuple(spec["input_shape"])
+    except (KeyError, TypeError) as e:
+        raise SparsenetError(f"malformed network description: {e!r}") from None
+    return Network(layers, input_shape, spec.get("name", ""), seed=seed + 1)
+
+
+def build_model(name, seed=0, xp=numpy):
+    """One of :data:`MODELS` by name, freshly initialised (Caffe's xavier filler, zero biases)."""
+    if name not in MODELS:
+        raise SparsenetError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+    input_shape, layers = MODELS[name]()
+    return build_network({"name": name, "input_shape": list(input_shape), "layers": layers}, seed, xp)

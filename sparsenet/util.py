@@ -1,0 +1,38 @@
+"""Small shared helpers: the package's error type and atomic file writes."""
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+class SparsenetError(Exception):
+    """An error a user can act on. The CLI prints its message on one line, no traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    The temporary file lives in the same directory, so the final ``os.replace`` is an
+    atomic rename: a reader (or a crash) sees either the old file or the new one, never
+    a half-written one. On any exception the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)

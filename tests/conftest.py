@@ -1,0 +1,38 @@
+"""Shared pytest configuration: the ``xp`` array-module fixture and hypothesis profiles."""
+import os
+
+import numpy
+import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=25, deadline=None)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs only with CuPy and a CUDA device")
+
+
+def _cupy_or_skip():
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising on import
+        pytest.skip(f"CuPy not importable ({type(e).__name__}: {e})")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        pytest.skip(f"CuPy sees no usable CUDA device ({e})")
+    if n < 1:
+        pytest.skip("CuPy sees no CUDA device")
+    return cupy
+
+
+# Session scope: hypothesis' @given refuses function-scoped fixtures (they would not be
+# reset between examples); a module object is stateless, so sharing it is harmless.
+@pytest.fixture(scope="session", params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array module under test: ``numpy``, or ``cupy`` (skipped without a GPU)."""
+    if request.param == "numpy":
+        return numpy
+    return _cupy_or_skip()

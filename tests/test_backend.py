@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from sparsenet import backend
+from sparsenet.util import SparsenetError
+
+
+def test_default_device_is_cpu(monkeypatch):
+    monkeypatch.delenv("SPARSENET_DEVICE", raising=False)
+    assert backend.resolve_device() == "cpu"
+    assert backend.array_module() is np
+
+
+def test_env_and_argument_order(monkeypatch):
+    monkeypatch.setenv("SPARSENET_DEVICE", "gpu")
+    assert backend.resolve_device() == "gpu"
+    assert backend.resolve_device("cpu") == "cpu"
+
+
+def test_unknown_device(monkeypatch):
+    with pytest.raises(SparsenetError, match="unknown device"):
+        backend.resolve_device("tpu")
+
+
+def test_gpu_without_cupy_is_one_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cupy(name, *a, **k):
+        if name == "cupy" or name.startswith("cupy."):
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    with pytest.raises(SparsenetError) as e:
+        backend.array_module("gpu")
+    assert "CuPy" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_get_array_module_and_transfers(xp):
+    a = xp.arange(3.0)
+    assert backend.get_array_module(a) is xp
+    assert backend.get_array_module(np.zeros(1), a) is xp
+    h = backend.asnumpy(a)
+    assert isinstance(h, np.ndarray) and h.tolist() == [0.0, 1.0, 2.0]
+    assert backend.get_array_module(backend.to_device(h, xp)) is xp
