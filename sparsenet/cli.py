@@ -34,11 +34,13 @@ def build_parser():
     p.add_argument("--dataset", default=d.dataset, help="mnist or fashion-mnist")
     p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"base learning rate (default {d.lr})")
     p.add_argument("--lr-policy", choices=("fixed", "step", "inv"), default=d.lr_policy)
-    p.add_argument("--gamma", type=float, default=d.gamma, help="gamma of the step/inv policies")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="gamma of the step/inv policies (default: step 0.1, inv 1e-4)")
     p.add_argument("--power", type=float, default=d.power, help="power of the inv policy")
-    p.add_argument("--step-size", type=int, default=d.step_size, help="iterations per step of the step policy")
+    p.add_argument("--step-size", type=int, default=d.step_size,
+                   help=f"iterations per step of the step policy (default {d.step_size} = 7 epochs at batch 64)")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 strength")
     p.add_argument("--l1", type=float, default=d.l1, help="L1 strength")

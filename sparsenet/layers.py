@@ -197,7 +197,7 @@ def maxpool2d_forward(x, k, stride):
     if Ho < 1 or Wo < 1:
         raise ValueError(f"max-pool window {k} larger than input {H}x{W}")
     y = _window(x, 0, 0, Ho, Wo, stride).copy()
-    arg = xp.zeros(y.shape, dtype=numpy.uint8)
+    arg = xp.zeros(y.shape, dtype=numpy.uint8 if k * k <= 256 else numpy.int32)
     better = xp.empty(y.shape, dtype=bool)
     for o in range(1, k * k):
         v = _window(x, o // k, o % k, Ho, Wo, stride)
@@ -219,7 +219,7 @@ def maxpool2d_backward(gy, cache):
     xp = get_array_module(gy)
     N, Ho, Wo, C = gy.shape
     if k == stride:
-        offsets = xp.arange(k * k, dtype=numpy.uint8).reshape(1, 1, k, 1, k, 1)
+        offsets = xp.arange(k * k, dtype=arg.dtype).reshape(1, 1, k, 1, k, 1)
         tiles = (arg[:, :, None, :, None, :] == offsets) * gy[:, :, None, :, None, :]
         tiles = tiles.reshape(N, Ho * k, Wo * k, C)
         if tiles.shape == tuple(x_shape):
@@ -252,10 +252,10 @@ def dropout_forward(x, rate, rng, train=True):
     at test time (or rate 0) ``y = x``, so no rescaling is needed at inference.
     ``rng`` is a NumPy or CuPy ``Generator`` matching x's array module.
     """
-    if not train or rate == 0.0:
-        return x, None
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    if not train or rate == 0.0:
+        return x, None
     keep = rng.random(x.shape, dtype=numpy.float32) >= rate
     m = keep.astype(x.dtype)
     m *= 1.0 / (1.0 - rate)

@@ -28,21 +28,28 @@ from .util import SparsenetError, write_text_atomic
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Training settings. Defaults follow Caffe's MNIST solver (PAPER.md), except
-    ``epochs`` (see the README: Caffe's 10,000 iterations are 10.7 epochs at batch 64)."""
+    """Training settings.
+
+    Momentum, weight decay, batch size, initialisation and the ``inv`` policy follow
+    Caffe's MNIST solver (PAPER.md). The default schedule differs (README, "Training
+    defaults"): base lr 0.05, ×0.1 every 6,566 iterations (7 epochs at batch 64), 20
+    epochs — on full MNIST it ends ~0.2–0.3 points below Caffe's 10,000-iteration ``inv``
+    schedule for both LeNets. ``gamma=None`` means the policy's own default (step 0.1,
+    inv 1e-4, as in Caffe's solvers).
+    """
 
     model: str = "lenet-300-100"
     dataset: str = "mnist"
     epochs: int = 20
     batch_size: int = 64
-    lr: float = 0.01
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     l1: float = 0.0
-    lr_policy: str = "inv"
-    gamma: float = 1e-4
+    lr_policy: str = "step"
+    gamma: float | None = None
     power: float = 0.75
-    step_size: int = 1
+    step_size: int = 6566
     seed: int = 0
     train_subset: int = 0  # use only the first N training images (0 = all); for tests/CI
 
@@ -69,9 +76,13 @@ class TrainConfig:
         return cls(**d).validate()
 
 
+DEFAULT_GAMMA = {"step": 0.1, "inv": 1e-4, "fixed": 0.0}
+
+
 def make_optimizer(net, cfg):
+    gamma = DEFAULT_GAMMA[cfg.lr_policy] if cfg.gamma is None else cfg.gamma
     return SGD(net.params(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-               l1=cfg.l1, policy=cfg.lr_policy, gamma=cfg.gamma, power=cfg.power, step_size=cfg.step_size)
+               l1=cfg.l1, policy=cfg.lr_policy, gamma=gamma, power=cfg.power, step_size=cfg.step_size)
 
 
 def load_split(dataset, input_shape, xp, data_dir=None, train_subset=0, split="both"):
