@@ -4,7 +4,6 @@ Errors a user can act on are printed as one line ``sparsenet: error: …`` with 
 status 2; an interrupted training run says how to resume it.
 """
 import argparse
-import dataclasses
 import json
 import sys
 

@@ -10,28 +10,7 @@ from sparsenet.backend import asnumpy
 from sparsenet.model import build_model, build_network
 from sparsenet.util import SparsenetError
 
-
-def numerical_grad(f, x, eps=1e-6):
-    """Central differences of the scalar ``f()`` w.r.t. ``x`` (perturbed in place, restored)."""
-    g = np.zeros(x.shape, dtype=np.float64)
-    for idx in np.ndindex(*x.shape):
-        old = float(x[idx])
-        x[idx] = old + eps
-        fp = float(f())
-        x[idx] = old - eps
-        fm = float(f())
-        x[idx] = old
-        g[idx] = (fp - fm) / (2 * eps)
-    return g
-
-
-def assert_grad(analytic, numeric, rtol=1e-6, atol=1e-9):
-    """max|a − n| ≤ rtol·(max|a| + max|n|) + atol (atol: FD round-off in float64)."""
-    a = asnumpy(analytic)
-    assert a.shape == numeric.shape and a.dtype == np.float64
-    diff = np.abs(a - numeric).max()
-    scale = np.abs(a).max() + np.abs(numeric).max()
-    assert diff <= rtol * scale + atol, f"max abs diff {diff:.3e}, scale {scale:.3e}\nanalytic\n{a}\nnumeric\n{numeric}"
+from gradcheck import assert_grad, numerical_grad
 
 
 # ----------------------------------------------------------------------------- architectures
