@@ -32,8 +32,12 @@ from sparsenet.train import TrainConfig, _reuse_heap_memory, make_optimizer, tra
 
 
 def gemm_peak(xp, sizes=(1024, 2048), repeat=5):
-    """Best float32 GFLOP/s of an n×n×n matrix product over ``sizes``."""
-    best = 0.0
+    """float32 GFLOP/s of n×n×n matrix products over ``sizes``: (best, median) of all runs.
+
+    The best single product is the peak the targets are stated against; the median shows
+    how far a sustained run falls below it on this machine (clock boost, shared cores).
+    """
+    rates = []
     for n in sizes:
         a = xp.asarray(numpy.random.default_rng(0).random((n, n), dtype=numpy.float32))
         b = a.copy()
@@ -43,8 +47,8 @@ def gemm_peak(xp, sizes=(1024, 2048), repeat=5):
             t0 = time.perf_counter()
             a @ b
             _sync(xp)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
+            rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return max(rates), float(numpy.median(rates))
 
 
 def _sync(xp):
@@ -132,20 +136,23 @@ def main(argv=None):
     xp = array_module(a.device)
     _reuse_heap_memory()
     x, t, src = load_images(a.epochs_of)
-    peak = gemm_peak(xp)
+    peak, sustained = gemm_peak(xp)
     try:
         import torch  # noqa: F401
         have_torch = True
     except ImportError:
         have_torch = False
     out = {"machine": platform.processor() or platform.machine(), "device": a.device, "images": len(x),
-           "data": src, "gemm_peak_gflops": round(peak, 1), "nets": {}}
-    print(f"float32 GEMM peak ({xp.__name__}): {peak:.1f} GFLOP/s; epoch = {len(x)} {src} images, batch 64")
+           "data": src, "gemm_peak_gflops": round(peak, 1), "gemm_median_gflops": round(sustained, 1), "nets": {}}
+    print(f"float32 GEMM ({xp.__name__}): peak {peak:.1f} GFLOP/s, median {sustained:.1f}; "
+          f"epoch = {len(x)} {src} images, batch 64")
     for name in ("lenet-300-100", "lenet-5"):
         sec, flops = bench_sparsenet(name, x, t, xp)
         rate = flops / sec / 1e9
-        row = {"seconds": round(sec, 3), "gflops": round(rate, 2), "fraction_of_peak": round(rate / peak, 3)}
-        line = f"{name:14s} sparsenet {sec:7.2f} s/epoch  {rate:6.1f} GFLOP/s = {100 * rate / peak:5.1f}% of GEMM peak"
+        row = {"seconds": round(sec, 3), "gflops": round(rate, 2), "fraction_of_peak": round(rate / peak, 3),
+               "fraction_of_median_gemm": round(rate / sustained, 3)}
+        line = (f"{name:14s} sparsenet {sec:7.2f} s/epoch  {rate:6.1f} GFLOP/s = {100 * rate / peak:5.1f}% of peak"
+                f" ({100 * rate / sustained:5.1f}% of median)")
         if have_torch:
             tsec, tver, nthreads = bench_torch(name, x, t, a.device)
             row.update(torch_seconds=round(tsec, 3), torch_version=tver, torch_threads=nthreads,
