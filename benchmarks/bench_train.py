@@ -28,7 +28,7 @@ import numpy
 from sparsenet import data as D
 from sparsenet.backend import array_module, to_device
 from sparsenet.model import build_model
-from sparsenet.train import TrainConfig, _reuse_heap_memory, make_optimizer, train_epoch
+from sparsenet.train import TrainConfig, make_optimizer, reuse_heap_memory, train_epoch
 
 
 def gemm_peak(xp, sizes=(1024, 2048), repeat=5):
@@ -134,7 +134,7 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the results to this JSON file")
     a = ap.parse_args(argv)
     xp = array_module(a.device)
-    _reuse_heap_memory()
+    reuse_heap_memory()
     x, t, src = load_images(a.epochs_of)
     peak, sustained = gemm_peak(xp)
     try:

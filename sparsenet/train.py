@@ -99,7 +99,7 @@ def load_split(dataset, input_shape, xp, data_dir=None, train_subset=0, split="b
     return out
 
 
-def _reuse_heap_memory():
+def reuse_heap_memory():
     """Keep freed large blocks in the heap (glibc only).
 
     Every step allocates activation-sized temporaries (MBs each). glibc returns such
@@ -158,7 +158,7 @@ def train(run_dir, config=None, resume=False, data_dir=None, device=None, progre
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.h5"
     xp = array_module(device)
-    _reuse_heap_memory()
+    reuse_heap_memory()
     if resume:
         ck = load_checkpoint(ckpt_path, xp)
         cfg = TrainConfig.from_dict(ck.config)
