@@ -77,22 +77,24 @@ def linear_forward(x, W, b):
     return y, (x, W)
 
 
-def linear_backward(gy, cache, M=None, need_gx=True):
+def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
     """Backward of :func:`linear_forward`.
 
     Backward::
 
         gx = gy W                 (N, D_in)   -- skipped when need_gx is False
         gW = (gyᵀ x) ⊙ M          (D_out, D_in)
-        gb = Σ_n gy[n]            (D_out,)
+        gb = Σ_n gy[n]            (D_out,)    -- both skipped when need_gW is False (frozen)
 
-    Returns ``(gx, gW, gb)``; ``gx`` is None when not needed (first layer).
+    Returns ``(gx, gW, gb)``; a skipped gradient is None.
     """
     x, W = cache
-    gW = gy.T @ x
-    if M is not None:
-        gW *= M
-    gb = gy.sum(axis=0)
+    gW = gb = None
+    if need_gW:
+        gW = gy.T @ x
+        if M is not None:
+            gW *= M
+        gb = gy.sum(axis=0)
     gx = gy @ W if need_gx else None
     return gx, gW, gb
 
@@ -145,7 +147,7 @@ def conv2d_forward(x, W, b, stride=1, pad=0):
     return y.reshape(N, Ho, Wo, F), (x.shape, X, W, stride, pad)
 
 
-def conv2d_backward(gy, cache, M=None, need_gx=True):
+def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
     """Backward of :func:`conv2d_forward`.
 
     With ``G = gy`` reshaped to (N·Ho·Wo, F)::
@@ -156,15 +158,18 @@ def conv2d_backward(gy, cache, M=None, need_gx=True):
 
     The last line is the adjoint of im2col ("col2im") fused with the GEMM: one
     (N·Ho·Wo, F)×(F, C) product per kernel offset, added onto a shifted window of the
-    (padded) input gradient; ``gx`` is skipped when ``need_gx`` is False.
+    (padded) input gradient; ``gx`` is skipped when ``need_gx`` is False, ``gW`` and
+    ``gb`` when ``need_gW`` is False (a frozen layer). A skipped gradient is None.
     """
     x_shape, X, W, stride, pad = cache
     F, kh, kw, C = W.shape
     G = gy.reshape(-1, F)
-    gW = (G.T @ X).reshape(W.shape)
-    if M is not None:
-        gW *= M
-    gb = G.sum(axis=0)
+    gW = gb = None
+    if need_gW:
+        gW = (G.T @ X).reshape(W.shape)
+        if M is not None:
+            gW *= M
+        gb = G.sum(axis=0)
     gx = None
     if need_gx:
         xp = get_array_module(gy)
@@ -301,7 +306,9 @@ class Layer:
     """Base class: a named stage of a :class:`sparsenet.model.Network`.
 
     ``params`` maps short names ("W", "b") to :class:`Param`. ``need_gx`` is False for
-    the first layer of a network, whose input gradient nobody reads.
+    the first layer of a network, whose input gradient nobody reads. A ``frozen`` layer
+    computes no parameter gradients (they stay None, so the optimiser leaves it alone):
+    §3.4 retrains the FC layers with the conv layers fixed, and vice versa.
     """
 
     kind = ""
@@ -310,6 +317,7 @@ class Layer:
     def __init__(self, name):
         self.name = name
         self.need_gx = True
+        self.frozen = False
         self.cache = None
 
     def spec(self):
@@ -362,7 +370,7 @@ class Linear(Layer):
 
     def backward(self, gy):
         W, b = self.params["W"], self.params["b"]
-        gx, W.grad, b.grad = linear_backward(gy, self.cache, W.mask, self.need_gx)
+        gx, W.grad, b.grad = linear_backward(gy, self.cache, W.mask, self.need_gx, not self.frozen)
         self.cache = None
         return gx
 
@@ -399,7 +407,7 @@ class Conv2d(Layer):
 
     def backward(self, gy):
         W, b = self.params["W"], self.params["b"]
-        gx, W.grad, b.grad = conv2d_backward(gy, self.cache, W.mask, self.need_gx)
+        gx, W.grad, b.grad = conv2d_backward(gy, self.cache, W.mask, self.need_gx, not self.frozen)
         self.cache = None
         return gx
 

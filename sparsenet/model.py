@@ -32,12 +32,16 @@ class Network:
     pass, the loss and the backward pass, leaving every ``Param.grad`` filled.
     """
 
-    def __init__(self, layers, input_shape, name="", seed=0):
+    def __init__(self, layers, input_shape, name="", seed=0, origin=None):
         self.layers = list(layers)
         self.input_shape = tuple(input_shape)
         self.name = name
-        if self.layers:
-            self.layers[0].need_gx = False
+        self.freeze(())
+        # Per-layer size of the dense network this one was pruned from ("weights" and
+        # "macs" per sample): reports state "% left" against it even after dead-neuron
+        # removal has physically shrunk the layers.
+        self.origin = origin or {r["name"]: {"weights": r["weights"], "macs": r["macs"]}
+                                 for r in self.summary() if r["weight_shape"] is not None}
         xp = self.xp
         self.dropout_rng = (numpy.random.default_rng(seed) if xp is numpy else xp.random.default_rng(seed))
         for layer in self.layers:
@@ -52,7 +56,8 @@ class Network:
         return numpy
 
     def spec(self):
-        return {"name": self.name, "input_shape": list(self.input_shape), "layers": [l.spec() for l in self.layers]}
+        return {"name": self.name, "input_shape": list(self.input_shape),
+                "layers": [l.spec() for l in self.layers], "origin": self.origin}
 
     def params(self):
         """Ordered dict ``"layer.param" -> Param`` (e.g. ``"fc1.W"``)."""
@@ -80,12 +85,33 @@ class Network:
                 "name": l.name, "kind": l.kind,
                 "input_shape": list(shape), "output_shape": list(out),
                 "weight_shape": list(W.data.shape) if W is not None else None,
+                "weights": W.size if W is not None else 0,
                 "params": sum(p.size for p in l.params.values()),
                 "nonzero_params": sum(p.nonzero() for p in l.params.values()),
                 "macs": l.macs(shape) if hasattr(l, "macs") else 0,
             })
             shape = out
         return rows
+
+    def freeze(self, names):
+        """Freeze exactly the layers named in ``names`` (no parameter updates; §3.4).
+
+        The backward pass then stops at the first layer that still trains: nothing
+        below it needs an input gradient.
+        """
+        names = set(names)
+        unknown = names - {l.name for l in self.layers if l.params}
+        if unknown:
+            raise SparsenetError(f"cannot freeze {', '.join(sorted(unknown))}: no layer with parameters of that name")
+        for l in self.layers:
+            l.frozen = l.name in names
+            l.need_gx = True
+        self._stop = len(self.layers)  # backward runs over layers[_stop:]
+        for i, l in enumerate(self.layers):
+            if l.params and not l.frozen:
+                l.need_gx = False
+                self._stop = i
+                break
 
     # -- computation ---------------------------------------------------------------
     def forward(self, x, train=False):
@@ -94,8 +120,13 @@ class Network:
         return x
 
     def backward(self, gy):
-        for l in reversed(self.layers):
+        """Back-propagate ``gy`` = dL/d(logits), filling every trainable ``Param.grad``."""
+        for l in reversed(self.layers[self._stop:]):
             gy = l.backward(gy)
+        for l in self.layers[:self._stop]:
+            l.cache = None
+            for p in l.params.values():
+                p.grad = None
         return gy
 
     def loss_and_backward(self, x, t):
@@ -160,7 +191,11 @@ def build_network(spec, seed=0, xp=numpy):
         input_shape = tuple(spec["input_shape"])
     except (KeyError, TypeError) as e:
         raise SparsenetError(f"malformed network description: {e!r}") from None
-    return Network(layers, input_shape, spec.get("name", ""), seed=seed + 1)
+    origin = spec.get("origin")
+    if origin is not None and not (isinstance(origin, dict) and all(
+            isinstance(v, dict) and {"weights", "macs"} <= set(v) for v in origin.values())):
+        raise SparsenetError("malformed network description: bad 'origin' entry")
+    return Network(layers, input_shape, spec.get("name", ""), seed=seed + 1, origin=origin)
 
 
 def build_model(name, seed=0, xp=numpy):
