@@ -461,13 +461,14 @@ class Dropout(Layer):
 
     kind = "dropout"
 
-    def __init__(self, name, rate=0.5):
+    def __init__(self, name, rate=0.5, base_rate=None):
         super().__init__(name)
         self.rate = float(rate)
+        self.base_rate = self.rate if base_rate is None else float(base_rate)  # D_o of §3.2
         self.rng = None
 
     def spec(self):
-        return {**super().spec(), "rate": self.rate}
+        return {**super().spec(), "rate": self.rate, "base_rate": self.base_rate}
 
     def forward(self, x, train=False):
         y, self.cache = dropout_forward(x, self.rate, self.rng, train)

@@ -40,7 +40,7 @@ class Network:
         # Per-layer size of the dense network this one was pruned from ("weights" and
         # "macs" per sample): reports state "% left" against it even after dead-neuron
         # removal has physically shrunk the layers.
-        self.origin = origin or {r["name"]: {"weights": r["weights"], "macs": r["macs"]}
+        self.origin = origin or {r["name"]: {k: r[k] for k in ("weights", "params", "macs")}
                                  for r in self.summary() if r["weight_shape"] is not None}
         xp = self.xp
         self.dropout_rng = (numpy.random.default_rng(seed) if xp is numpy else xp.random.default_rng(seed))
@@ -193,7 +193,7 @@ def build_network(spec, seed=0, xp=numpy):
         raise SparsenetError(f"malformed network description: {e!r}") from None
     origin = spec.get("origin")
     if origin is not None and not (isinstance(origin, dict) and all(
-            isinstance(v, dict) and {"weights", "macs"} <= set(v) for v in origin.values())):
+            isinstance(v, dict) and {"weights", "params", "macs"} <= set(v) for v in origin.values())):
         raise SparsenetError("malformed network description: bad 'origin' entry")
     return Network(layers, input_shape, spec.get("name", ""), seed=seed + 1, origin=origin)
 

@@ -96,7 +96,8 @@ def test_spec_round_trip_custom_net():
     net = build_network(spec)
     net2 = build_network(net.spec())
     assert net2.spec() == net.spec() == {**spec, "origin": {
-        "conv1": {"weights": 18, "macs": 648}, "fc1": {"weights": 72, "macs": 72}, "fc2": {"weights": 12, "macs": 12}}}
+        "conv1": {"weights": 18, "params": 20, "macs": 648}, "fc1": {"weights": 72, "params": 76, "macs": 72},
+        "fc2": {"weights": 12, "params": 15, "macs": 12}}}
     assert [p.data.shape for p in net2.params().values()] == [(2, 3, 3, 1), (2,), (4, 18), (4,), (3, 4), (3,)]
 
 
@@ -113,7 +114,7 @@ CONV_LAYERS = [
     {"kind": "flatten", "name": "flatten"},
     {"kind": "linear", "name": "fc1", "n_in": 18, "n_out": 4},
     {"kind": "relu", "name": "relu2"},
-    {"kind": "dropout", "name": "drop", "rate": 0.0},
+    {"kind": "dropout", "name": "drop", "rate": 0.0, "base_rate": 0.0},
     {"kind": "linear", "name": "fc2", "n_in": 4, "n_out": 3},
 ]
 MLP_LAYERS = [

@@ -1,0 +1,310 @@
+"""Pruning connections and neurons (PAPER.md, "The method", steps 2 and 3.5).
+
+Where each part of the paper lives:
+
+* step 2, **magnitude pruning** — :func:`prune` with the criteria of :data:`CRITERIA`;
+* §3.1 **regularisation** while retraining — the L1/L2 terms of :class:`sparsenet.optim.SGD`
+  (they act on surviving weights only, see its docstring);
+* §3.2 **dropout-ratio adjustment** — :func:`adjust_dropout`;
+* §3.3 **freezing** layers while retraining others — :meth:`sparsenet.model.Network.freeze`;
+* §3.4 **iterative pruning** — the prune/retrain schedule in :mod:`sparsenet.iterative`;
+* §3.5 **dead neurons** — :func:`remove_dead_neurons`.
+
+Masks are the state. Every prunable parameter (the weights of FC and conv layers; biases
+are never pruned) carries ``mask`` (1 = kept). A prune event only ever turns ones into
+zeros, then zeroes the weights *and the momentum* at the newly pruned positions, so the
+invariant ``W == W ⊙ M`` holds and nothing can push a pruned weight back (the layer masks
+its weight gradient, the optimiser re-masks after every step). A mask is never derived
+from ``W == 0``: a surviving weight may pass through zero and stays a survivor.
+"""
+import math
+
+import numpy
+
+from . import layers as L
+from .backend import get_array_module
+from .util import SparsenetError
+
+CRITERIA = ("quality", "percentile", "global")
+
+
+# ----------------------------------------------------------------------------- criteria
+def layer_amounts(net, amount):
+    """Resolve ``amount`` to ``{"fc1.W": value, ...}`` over the prunable parameters.
+
+    ``amount`` is a number (every prunable layer) or a dict of layer names to numbers,
+    with an optional ``"default"`` for the layers not named; a layer that is neither
+    named nor covered by a default is left alone.
+    """
+    prunable = {name: p for name, p in net.params().items() if p.prunable}
+    layer_of = {name: name.rsplit(".", 1)[0] for name in prunable}
+    if isinstance(amount, dict):
+        unknown = set(amount) - set(layer_of.values()) - {"default"}
+        if unknown:
+            raise SparsenetError(f"no prunable layer named {', '.join(sorted(unknown))} "
+                                 f"(prunable: {', '.join(layer_of.values())})")
+        out = {n: amount.get(layer_of[n], amount.get("default")) for n in prunable}
+        out = {n: v for n, v in out.items() if v is not None}
+    else:
+        out = dict.fromkeys(prunable, amount)
+    for n, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SparsenetError(f"pruning amount for {layer_of[n]} must be a number, got {v!r}")
+    return {n: float(v) for n, v in out.items()}
+
+
+def _keep_largest(W, M, n_keep):
+    """Mask keeping the ``n_keep`` largest |W| among the survivors of ``M`` (ties: first index)."""
+    xp = get_array_module(W)
+    idx = xp.flatnonzero(M)
+    if n_keep >= idx.size:
+        return M.copy()
+    stable = {"kind": "stable"} if xp is numpy else {}  # CuPy's sort is always stable
+    order = xp.argsort(-xp.abs(W.ravel()[idx]), **stable)
+    new = xp.zeros(M.size, dtype=M.dtype)
+    new[idx[order[:n_keep]]] = 1
+    return new.reshape(M.shape)
+
+
+def quality_mask(W, M, quality):
+    """The paper's rule: prune ``|w| < quality · std(surviving w)``.
+
+    The std is over the layer's surviving weights (mask ones, whatever their value).
+    """
+    if quality < 0:
+        raise SparsenetError(f"quality must be >= 0, got {quality}")
+    xp = get_array_module(W)
+    alive = M.astype(bool)
+    if not alive.any():
+        return M.copy()
+    threshold = quality * float(W[alive].std())
+    return M * (xp.abs(W) >= threshold)
+
+
+def percentile_mask(W, M, sparsity):
+    """Per-layer target: prune the smallest-magnitude survivors until a fraction
+    ``sparsity`` of the layer's weights (counting earlier prunes) is pruned.
+
+    A layer already at least that sparse is left as it is (masks never grow).
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise SparsenetError(f"target sparsity must be in [0, 1], got {sparsity}")
+    return _keep_largest(W, M, int(round((1.0 - sparsity) * M.size)))
+
+
+def global_masks(params, sparsity):
+    """One magnitude threshold over all the given parameters: the smallest survivors are
+    pruned until a fraction ``sparsity`` of all their weights is pruned.
+
+    ``params`` maps names to :class:`~sparsenet.layers.Param`; returns names -> new mask.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise SparsenetError(f"target sparsity must be in [0, 1], got {sparsity}")
+    if not params:
+        return {}
+    xp = get_array_module(next(iter(params.values())).data)
+    names = list(params)
+    W = xp.concatenate([params[n].data.ravel() for n in names])
+    M = xp.concatenate([params[n].mask.ravel() for n in names])
+    new = _keep_largest(W, M, int(round((1.0 - sparsity) * M.size)))
+    out, start = {}, 0
+    for n in names:
+        size = params[n].mask.size
+        out[n] = new[start:start + size].reshape(params[n].mask.shape)
+        start += size
+    return out
+
+
+# ----------------------------------------------------------------------------- pruning
+def prune(net, criterion="quality", amount=1.0, velocity=None):
+    """Prune ``net`` in place; return ``{"fc1.W": (survivors before, after), ...}``.
+
+    criterion ``quality``: amount = q per layer, threshold q·std (the paper's rule);
+    ``percentile``: amount = target sparsity per layer (fraction of the layer pruned);
+    ``global``: amount = target sparsity over all prunable weights, one threshold.
+    ``amount`` may be a dict of layer names (with an optional ``"default"``) for
+    per-layer settings; ``global`` takes a single number.
+
+    After the new masks are set: ``W ← W ⊙ M`` and, when the optimiser's ``velocity``
+    dict is given, ``V ← V ⊙ M`` — momentum at a pruned position would otherwise keep
+    moving the weight for a step.
+    """
+    if criterion not in CRITERIA:
+        raise SparsenetError(f"unknown pruning criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
+    params = net.params()
+    if criterion == "global":
+        if isinstance(amount, dict):
+            raise SparsenetError("the global criterion takes one target sparsity, not per-layer values")
+        new = global_masks({n: p for n, p in params.items() if p.prunable}, float(amount))
+    else:
+        rule = quality_mask if criterion == "quality" else percentile_mask
+        new = {n: rule(params[n].data, params[n].mask, a) for n, a in layer_amounts(net, amount).items()}
+    stats = {}
+    for name, M in new.items():
+        p = params[name]
+        before = p.nonzero()
+        p.mask = M * p.mask  # masks only lose entries
+        p.data *= p.mask
+        if velocity is not None and name in velocity:
+            velocity[name] *= p.mask
+        stats[name] = (before, p.nonzero())
+    return stats
+
+
+def densities(net):
+    """``{"fc1": surviving fraction of the layer's *original* weights, ...}``."""
+    return {l.name: l.params["W"].nonzero() / net.origin.get(l.name, {}).get("weights", l.params["W"].size)
+            for l in net.layers if "W" in l.params}
+
+
+# ----------------------------------------------------------------------------- §3.2 dropout
+def adjust_dropout(net):
+    """§3.2: ``D_r = D_o · sqrt(C_ir / C_io)`` for every dropout layer.
+
+    C_i is the connection count of the parametric layer whose outputs the dropout layer
+    drops (the nearest one before it): C_io its original count (``net.origin``), C_ir
+    its surviving connections now. D_o is the dropout layer's ``base_rate``. Returns
+    ``{dropout name: new rate}``.
+    """
+    rates, last = {}, None
+    for l in net.layers:
+        if "W" in l.params:
+            last = l
+        elif isinstance(l, L.Dropout) and last is not None:
+            c_o = net.origin.get(last.name, {}).get("weights", last.params["W"].size)
+            l.rate = l.base_rate * math.sqrt(last.params["W"].nonzero() / c_o)
+            rates[l.name] = l.rate
+    return rates
+
+
+# ----------------------------------------------------------------------------- §3.5 neurons
+_PASS = (L.ReLU, L.MaxPool2d, L.Dropout, L.Flatten)  # act unit by unit (channel by channel)
+
+
+def _units(W):
+    """View of a weight as (units out, …): rows of a linear W, filters of a conv W."""
+    return W.reshape(W.shape[0], -1)
+
+
+def _inputs_of(W, n_units, flat):
+    """View of ``W`` (the next layer's weight) as (its units, n_units, …) over the inputs
+    coming from each unit of the previous layer.
+
+    linear after linear: column j; linear after conv + flatten (NHWC order): columns
+    j, j + C, j + 2C, …; conv after conv: W[:, :, :, j].
+    """
+    if W.ndim == 4:  # conv (F, kh, kw, C): move the channel axis next to F
+        return W.transpose(0, 3, 1, 2).reshape(W.shape[0], n_units, -1)
+    if flat:  # columns (h·Wd + w)·C + c
+        return W.reshape(W.shape[0], -1, n_units).transpose(0, 2, 1)
+    return W.reshape(W.shape[0], n_units, 1)
+
+
+def _take_inputs(a, keep, n_units, flat):
+    """``a`` (next layer's W, mask or velocity) with only the inputs of kept units."""
+    xp = get_array_module(a)
+    if a.ndim == 4:
+        return xp.ascontiguousarray(a[..., keep])
+    if flat:
+        cols = xp.arange(a.shape[1]).reshape(-1, n_units)[:, keep].ravel()
+        return xp.ascontiguousarray(a[:, cols])
+    return xp.ascontiguousarray(a[:, keep])
+
+
+def _pairs(net):
+    """Consecutive parametric layers (A, B, layers between) with only unit-wise layers between."""
+    out, prev, between = [], None, []
+    for l in net.layers:
+        if "W" in l.params:
+            if prev is not None and all(isinstance(m, _PASS) for m in between):
+                out.append((prev, l, between))
+            prev, between = l, []
+        else:
+            between.append(l)
+    return out
+
+
+def _constant_through(c, between):
+    """What a constant activation c (per unit) becomes after the unit-wise layers (inference)."""
+    for m in between:
+        if isinstance(m, L.ReLU):
+            c = get_array_module(c).maximum(c, 0)
+    return c  # max-pool, flatten and (inference) dropout pass constants through
+
+
+def remove_dead_neurons(net, *states):
+    """§3.5: remove the units left with no incoming or no outgoing connection.
+
+    For consecutive parametric layers A → (ReLU / max-pool / flatten / dropout) → B, a
+    unit j of A (a row of a linear W, a filter of a conv W) is dead when
+
+    * all its incoming weights are pruned: it emits the constant ``c_j = f(b_j)``
+      (f = the unit-wise layers in between, e.g. ReLU). Its effect on B is constant
+      too, so it is folded into B's bias first:
+      ``b_B ← b_B + Σ_{inputs of B reading j} W_B · c_j`` — for a conv B this sum runs
+      over the kernel, which is exact only without zero padding, so a unit with
+      ``c_j ≠ 0`` feeding a padded conv is kept;
+    * or all its outgoing weights (B's inputs from j) are pruned: it affects nothing.
+
+    Removing it deletes A's row/filter j (weight, bias, masks, momentum) and B's inputs
+    from j, so the layers physically shrink and the network's outputs do not change.
+    Removal can leave other units dead, so it repeats until nothing changes. The
+    output layer's units and the network's inputs are never removed, and every layer
+    keeps at least one unit. Each of ``states`` — dicts of per-parameter arrays keyed
+    like ``net.params()``, e.g. the optimiser's momentum — is sliced to match, in
+    place. Returns ``{layer name: units removed}``.
+    """
+    removed = {}
+    changed = True
+    while changed:
+        changed = False
+        for A, B, between in _pairs(net):
+            flat = any(isinstance(m, L.Flatten) for m in between)
+            WA, bA, WB, bB = A.params["W"], A.params["b"], B.params["W"], B.params["b"]
+            xp = get_array_module(WA.data)
+            n = WA.data.shape[0]
+            no_in = ~_units(WA.mask).any(axis=1)
+            no_out = ~_inputs_of(WB.mask, n, flat).any(axis=(0, 2))
+            c = _constant_through(bA.data, between) * no_in
+            exact_fold = WB.data.ndim == 2 or B.pad == 0  # a padded conv sees zeros at the border
+            foldable = no_in & ((c == 0) | exact_fold)
+            dead = no_out | foldable
+            if not bool(dead.any()):
+                continue
+            if bool(dead.all()):  # keep one unit (the first) so the layer stays a layer
+                dead[0] = False
+                if not bool(dead.any()):
+                    continue
+            fold = dead & no_in & ~no_out
+            if bool(fold.any()):
+                bB.data += (_inputs_of(WB.data, n, flat).sum(axis=2) * (c * fold)).sum(axis=1)
+            keep = xp.flatnonzero(~dead)
+            rows = lambda a: xp.ascontiguousarray(a[keep])  # noqa: E731
+            cols = lambda a: _take_inputs(a, keep, n, flat)  # noqa: E731
+            for name, P, take in ((f"{A.name}.W", WA, rows), (f"{A.name}.b", bA, rows), (f"{B.name}.W", WB, cols)):
+                P.data, P.mask, P.grad = take(P.data), take(P.mask), None
+                for state in states:
+                    if name in state:
+                        state[name] = take(state[name])
+            removed[A.name] = removed.get(A.name, 0) + int(n - keep.size)
+            changed = True
+    return removed
+
+
+def prunable_layers(net):
+    """Names of the layers with a prunable weight, in order."""
+    return [l.name for l in net.layers if "W" in l.params and l.params["W"].prunable]
+
+
+def check_masks(net, velocity=None):
+    """Raise if the pruning invariant is broken: masks 0/1, W (and V) zero where pruned."""
+    for name, p in net.params().items():
+        xp = get_array_module(p.data)
+        if not bool(xp.all((p.mask == 0) | (p.mask == 1))):
+            raise SparsenetError(f"{name}: mask holds values other than 0 and 1")
+        pruned = p.mask == 0
+        if bool(xp.any(p.data[pruned] != 0)):
+            raise SparsenetError(f"{name}: non-zero weight at a pruned position")
+        if velocity is not None and name in velocity and bool(xp.any(velocity[name][pruned] != 0)):
+            raise SparsenetError(f"{name}: non-zero momentum at a pruned position")
+
