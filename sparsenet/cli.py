@@ -1,4 +1,4 @@
-"""Command line: ``sparsenet {train,eval,summary}`` (also ``python -m sparsenet``).
+"""Command line: ``sparsenet {train,prune,eval,summary,…}`` (also ``python -m sparsenet``).
 
 Errors a user can act on are printed as one line ``sparsenet: error: …`` with exit
 status 2; an interrupted training run says how to resume it.
@@ -48,6 +48,61 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     _add_common(p)
 
+    p = sub.add_parser("prune", help="iterative pruning: rounds of prune -> retrain (§3.4)",
+                       description="Prune a trained checkpoint iteratively. Give a schedule file (JSON/TOML, "
+                                   "see sparsenet.iterative) or inline JSON with --schedule, or build N equal "
+                                   "rounds from --criterion/--amount/--rounds and the retraining options.")
+    p.add_argument("checkpoint", nargs="?", help="trained checkpoint to prune (not needed with --resume)")
+    p.add_argument("--out", required=True, help="run directory (schedule.json, log.jsonl, checkpoint.h5)")
+    p.add_argument("--resume", action="store_true", help="continue the pruning run in --out")
+    p.add_argument("--schedule", help="schedule file (.json/.toml) or inline JSON object")
+    p.add_argument("--criterion", choices=("quality", "percentile", "global"), default="quality",
+                   help="quality: |w| < q*std pruned (the paper's rule); percentile: per-layer target "
+                        "sparsity; global: one threshold for all layers (default quality)")
+    p.add_argument("--amount", default="1.0",
+                   help="q, or target sparsity; per layer as fc1=0.92,fc2=0.91,default=0.8 (default 1.0)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="number of prune/retrain rounds; percentile/global targets are reached in equal ratios")
+    from .iterative import RETRAIN_DEFAULTS as R
+
+    p.add_argument("--epochs", type=int, default=R["epochs"], help=f"retraining epochs per round (default {R['epochs']})")
+    p.add_argument("--lr", type=float, default=R["lr"], help=f"retraining learning rate (default {R['lr']})")
+    p.add_argument("--lr-policy", choices=("fixed", "step", "inv"), default=R["lr_policy"])
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--step-size", type=int, default=R["step_size"])
+    p.add_argument("--momentum", type=float, default=R["momentum"])
+    p.add_argument("--weight-decay", type=float, default=R["weight_decay"], help="L2 strength while retraining")
+    p.add_argument("--l1", type=float, default=R["l1"], help="L1 strength while retraining")
+    p.add_argument("--freeze", default="", help="comma-separated layers to keep fixed while retraining (§3.3)")
+    p.add_argument("--keep-dead-neurons", action="store_true", help="do not remove dead neurons (§3.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the retraining data order")
+    p.add_argument("--no-progress", action="store_true")
+    _add_common(p)
+
+    p = sub.add_parser("report", help="per-layer table: weights, FLOP, act%%, weights%% and FLOP%% left (Tables 2-3)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", help="folder for report.json and report.md (default: the checkpoint's folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_common(p)
+
+    p = sub.add_parser("sensitivity", help="test error with one layer pruned at a time, no retraining (Fig. 6)")
+    p.add_argument("checkpoint")
+    p.add_argument("--ratios", help="comma-separated fractions of a layer's weights to prune "
+                                    "(default 0,0.05,...,0.95)")
+    p.add_argument("--layers", help="comma-separated layers (default: every prunable layer)")
+    p.add_argument("--out", help="folder for sensitivity.json/.md/.png (default: the checkpoint's folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_common(p)
+
+    p = sub.add_parser("reproduce", help="rerun one of the paper's LeNet experiments end to end",
+                       description="Dense training, iterative pruning with retraining, dead-neuron removal, "
+                                   "per-layer report and figures, written to reproduce/results/EXPERIMENT/. "
+                                   "A killed run resumes when started again.")
+    p.add_argument("experiment", help="lenet-300-100, lenet-5, … (a config in reproduce/) or a config .json")
+    p.add_argument("--out", help="results folder (default reproduce/results/EXPERIMENT)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_common(p)
+
     p = sub.add_parser("eval", help="test error of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -88,6 +143,74 @@ def cmd_eval(a):
               f"params {r['params']:,} (non-zero {r['nonzero_params']:,})")
 
 
+def parse_amount(text):
+    """``"0.9"`` -> 0.9; ``"fc1=0.92,fc2=0.9,default=0.8"`` -> dict of layer -> number."""
+    try:
+        if "=" not in text:
+            return float(text)
+        out = {}
+        for item in text.split(","):
+            k, v = item.split("=")
+            out[k.strip()] = float(v)
+        return out
+    except ValueError:
+        raise SparsenetError(f"--amount {text!r}: expected a number or layer=number,... pairs") from None
+
+
+def cmd_prune(a):
+    from .iterative import load_schedule, prune_run, uniform_schedule
+
+    if a.resume:
+        schedule = None
+    elif a.checkpoint is None:
+        raise SparsenetError("prune needs a CHECKPOINT to start from (or --resume)")
+    elif a.schedule:
+        schedule = load_schedule(a.schedule)
+    else:
+        schedule = uniform_schedule(
+            a.criterion, parse_amount(a.amount), a.rounds, a.seed, epochs=a.epochs, lr=a.lr,
+            lr_policy=a.lr_policy, gamma=a.gamma, step_size=a.step_size, momentum=a.momentum,
+            weight_decay=a.weight_decay, l1=a.l1, freeze=[n for n in a.freeze.split(",") if n],
+            remove_neurons=not a.keep_dead_neurons)
+    log = prune_run(a.checkpoint, a.out, schedule, resume=a.resume, data_dir=a.data_dir, device=a.device,
+                    progress=not a.no_progress)
+    r = log[-1]
+    print(f"{a.out}: test error {100 * r['test_error']:.2f}%, {r['nonzero_params']:,} of {r['params']:,} "
+          f"parameters left ({r['compression']:.1f}x fewer)")
+
+
+def cmd_report(a):
+    from .report import format_table, report_checkpoint
+
+    rep = report_checkpoint(a.checkpoint, a.out, a.data_dir, a.device)
+    print(json.dumps(rep) if a.json else f"{format_table(rep)}\nwritten: {', '.join(rep['files'])}")
+
+
+def cmd_sensitivity(a):
+    from .report import DEFAULT_RATIOS, format_sensitivity, sensitivity_checkpoint
+
+    try:
+        ratios = [float(r) for r in a.ratios.split(",")] if a.ratios else DEFAULT_RATIOS
+    except ValueError:
+        raise SparsenetError(f"--ratios {a.ratios!r}: expected comma-separated numbers in [0, 1]") from None
+    layers = [n.strip() for n in a.layers.split(",") if n.strip()] if a.layers else None
+    res = sensitivity_checkpoint(a.checkpoint, a.out, ratios, layers, a.data_dir, a.device)
+    print(json.dumps(res) if a.json else f"{format_sensitivity(res)}\nwritten: {', '.join(res['files'])}")
+
+
+def cmd_reproduce(a):
+    from .reproduce import reproduce
+
+    m = reproduce(a.experiment, a.out, a.data_dir, a.device, progress=not a.no_progress)
+    pr = m["pruned"]
+    print(f"{m['experiment']}: dense {100 * m['dense']['test_error']:.2f}% -> pruned {100 * pr['test_error']:.2f}% "
+          f"with {pr['nonzero_params']:,} of {pr['params']:,} parameters ({pr['compression']:.1f}x); "
+          f"report: {m['results']}/report.md")
+    failed = [k for k, c in m["checks"].items() if not c["ok"]]
+    if failed:
+        raise SparsenetError(f"{m['experiment']}: bounds not met: {', '.join(failed)}")
+
+
 def cmd_summary(a):
     if (a.checkpoint is None) == (a.model is None):
         raise SparsenetError("summary needs either a CHECKPOINT or --model NAME (not both)")
@@ -112,7 +235,8 @@ def cmd_summary(a):
     print(fmt.format("total", "", "", "", f"{total['params']:,}", f"{total['nonzero_params']:,}", f"{total['macs']:,}"))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary}
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
+            "report": cmd_report, "sensitivity": cmd_sensitivity}
 
 
 def main(argv=None):
@@ -124,8 +248,10 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         msg = "sparsenet: interrupted"
-        if a.command == "train":
-            msg += f"; the last finished epoch is saved, continue with: sparsenet train --out {a.out} --resume"
+        if a.command in ("train", "prune"):
+            msg += f"; the last finished epoch is saved, continue with: sparsenet {a.command} --out {a.out} --resume"
+        elif a.command == "reproduce":
+            msg += "; run the same command again to continue where it stopped"
         print(msg, file=sys.stderr)
         return 130
     return 0

@@ -35,7 +35,7 @@ from .util import SparsenetError, write_text_atomic
 
 # Retraining defaults, chosen by experiment on LeNet-300-100 (README, "Pruning").
 RETRAIN_DEFAULTS = {
-    "epochs": 4, "lr": 0.01, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": 1876,
+    "epochs": 4, "lr": 0.02, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": 1876,
     "momentum": 0.9, "weight_decay": 5e-4, "l1": 0.0, "batch_size": 64,
     "freeze": [], "remove_neurons": True,
 }
@@ -151,8 +151,11 @@ def _layer_table(net):
 
 def _totals(net):
     params = sum(o["params"] for o in net.origin.values())
+    weights = sum(o["weights"] for o in net.origin.values())
     nz = net.count_nonzero()
-    return {"params": params, "nonzero_params": nz, "compression": round(params / max(nz, 1), 3)}
+    nz_w = sum(l.params["W"].nonzero() for l in net.layers if "W" in l.params)
+    return {"params": params, "nonzero_params": nz, "compression": round(params / max(nz, 1), 3),
+            "weights_left": round(nz_w / weights, 6)}
 
 
 def _optimizer(net, r):

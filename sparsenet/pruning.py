@@ -200,6 +200,11 @@ def _inputs_of(W, n_units, flat):
     return W.reshape(W.shape[0], n_units, 1)
 
 
+def _take_units(a, keep, n_units=None, flat=None):
+    """``a`` (a layer's W, b, mask or velocity) with only the kept units (rows/filters)."""
+    return get_array_module(a).ascontiguousarray(a[keep])
+
+
 def _take_inputs(a, keep, n_units, flat):
     """``a`` (next layer's W, mask or velocity) with only the inputs of kept units."""
     xp = get_array_module(a)
@@ -279,13 +284,12 @@ def remove_dead_neurons(net, *states):
             if bool(fold.any()):
                 bB.data += (_inputs_of(WB.data, n, flat).sum(axis=2) * (c * fold)).sum(axis=1)
             keep = xp.flatnonzero(~dead)
-            rows = lambda a: xp.ascontiguousarray(a[keep])  # noqa: E731
-            cols = lambda a: _take_inputs(a, keep, n, flat)  # noqa: E731
-            for name, P, take in ((f"{A.name}.W", WA, rows), (f"{A.name}.b", bA, rows), (f"{B.name}.W", WB, cols)):
-                P.data, P.mask, P.grad = take(P.data), take(P.mask), None
+            for name, P, take in ((f"{A.name}.W", WA, _take_units), (f"{A.name}.b", bA, _take_units),
+                                  (f"{B.name}.W", WB, _take_inputs)):
+                P.data, P.mask, P.grad = take(P.data, keep, n, flat), take(P.mask, keep, n, flat), None
                 for state in states:
                     if name in state:
-                        state[name] = take(state[name])
+                        state[name] = take(state[name], keep, n, flat)
             removed[A.name] = removed.get(A.name, 0) + int(n - keep.size)
             changed = True
     return removed

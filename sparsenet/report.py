@@ -1,0 +1,369 @@
+"""Per-layer report (the paper's Tables 2 and 3) and layer sensitivity (its Fig. 6).
+
+Definitions (PAPER.md, "Per-layer results"); one row per parametric layer (linear, conv):
+
+* ``weights`` — the layer's weights in the dense network it was pruned from
+  (``net.origin``); ``FLOP = 2 · MACs`` per sample of that dense layer (fc1 of
+  LeNet-300-100: 235,200 weights, 470,400 FLOP). Layers shrunk by dead-neuron removal
+  are always measured against this origin.
+* ``act%`` — share of non-zero values in the activation the layer hands on: its output
+  *after the unit-wise layers that follow it* (ReLU, max-pool, dropout = identity at
+  inference, flatten) up to the next parametric layer, i.e. exactly the input that
+  layer sees; for the last layer its output (the logits). Counted exactly over the whole
+  test set: ``act = Σ non-zeros / Σ entries``. Units removed as dead count as zero
+  activations (they are never computed): the entries are those of the origin layer,
+  ``entries = entries now · units_origin / units_now``. Measuring conv layers after
+  pooling is what reproduces the paper's LeNet-5 total act% of 77%.
+* ``weights% left`` — surviving (mask-one) weights / origin weights.
+* ``FLOP% left`` — multiplications whose weight survives *and* whose input is non-zero,
+  summed over the test set, divided by ``origin MACs · N``. The network's input (the
+  image) is taken as dense — every pixel counts as non-zero — as the paper's tables do
+  (LeNet-300-100 fc1: 8% weights, 8% FLOP), so later layers get ``FLOP% ≈ weights% ×
+  previous act%``. Zero padding of a convolution counts as zero input, also for the
+  first layer.
+
+With the input indicator ``z = [a ≠ 0]`` and mask ``M`` the count is exact and, being
+bilinear, needs only ``S = Σ_n z[n]`` (non-zeros per input entry over the test set)::
+
+    linear, M (out, in):           Σ_n Σ (z[n] Mᵀ)         = Σ_i S[i] · Σ_o M[o, i]
+    conv,   M (F, kh, kw, C):      Σ_{n,p,q} im2col(z) M₂ᵀ = Σ_{i,j,c} Σ_{p,q} S_pad[s·p+i, s·q+j, c] · Σ_f M[f, i, j, c]
+
+Totals: weights and FLOP summed; ``act`` = all non-zero activations / all activations
+(LeNet-300-100 in the paper: (300·.38 + 100·.65 + 10·1)/410 = 46%); ``weights% left``
+and ``FLOP% left`` = sums of survivors / sums of origin. ``params`` (incl. biases, origin)
+and ``nonzero_params`` (mask ones, incl. biases) give the compression ``params /
+nonzero_params`` of the paper's "params include biases".
+
+Sensitivity prunes one layer at a time to a sweep of ratios without retraining and
+records the test error; the network is restored bitwise afterwards.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy
+
+from . import layers as L
+from .backend import get_array_module
+from .pruning import percentile_mask, prunable_layers
+from .util import SparsenetError, atomic_path, write_text_atomic
+
+# The paper's per-layer rows (fractions), printed beside ours in the Markdown report.
+PAPER = {
+    "lenet-300-100": {
+        "source": "Han et al. 2015, Table 2 (LeNet-300-100)",
+        "rows": {"fc1": {"act": .38, "weights_left": .08, "flop_left": .08},
+                 "fc2": {"act": .65, "weights_left": .09, "flop_left": .04},
+                 "fc3": {"act": 1.0, "weights_left": .26, "flop_left": .17},
+                 "total": {"act": .46, "weights_left": .08, "flop_left": .08}},
+    },
+    "lenet-5": {
+        "source": "Han et al. 2015, Table 3 (LeNet-5)",
+        "rows": {"conv1": {"act": .82, "weights_left": .66, "flop_left": .66},
+                 "conv2": {"act": .72, "weights_left": .12, "flop_left": .10},
+                 "fc1": {"act": .55, "weights_left": .08, "flop_left": .06},
+                 "fc2": {"act": 1.0, "weights_left": .19, "flop_left": .10},
+                 "total": {"act": .77, "weights_left": .08, "flop_left": .16}},
+    },
+}
+
+DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0, 0.05, ..., 0.95
+
+
+# ----------------------------------------------------------------------------- counting
+def macs_left(layer, S):
+    """Multiplications of ``layer`` with a surviving weight and a non-zero input.
+
+    ``S`` (the layer's input shape, integers): ``S[e]`` = number of samples whose input
+    entry ``e`` is non-zero. Returns the exact count summed over those samples (int).
+    """
+    S = S.astype(numpy.int64)
+    per_weight = (layer.params["W"].mask != 0).sum(axis=0, dtype=numpy.int64)  # Σ over units
+    if isinstance(layer, L.Linear):
+        return int((S * per_weight).sum())
+    if isinstance(layer, L.Conv2d):
+        _, kh, kw, _ = layer.params["W"].data.shape
+        seen = L.im2col(S[None], kh, kw, layer.stride, layer.pad).sum(axis=(0, 1, 2))  # (kh, kw, C)
+        return int((seen * per_weight).sum())
+    raise SparsenetError(f"layer {layer.name!r} of kind {layer.kind!r} is not supported by the report")
+
+
+def _nonzero_counts(net, x, t, batch_size):
+    """One batched inference pass: per parametric layer ``(S_in, S_out)``, and the number of errors.
+
+    ``S_out`` counts, per entry, the samples where the activation handed on by the layer
+    is non-zero; ``S_in`` is the previous layer's ``S_out`` (the input as dense: ``N``
+    everywhere, for the first one).
+    """
+    xp = get_array_module(x)
+    S, inputs, wrong = {}, {}, 0
+    for start in range(0, len(x), batch_size):
+        a, cur = x[start:start + batch_size], None
+        for l in net.layers:
+            if "W" in l.params:
+                if cur is not None:
+                    S[cur] = S.get(cur, 0) + (a != 0).sum(axis=0, dtype=numpy.int64)
+                inputs.setdefault(l.name, (cur, a.shape[1:]))
+                cur = l.name
+            a = l.forward(a, train=False)
+        S[cur] = S.get(cur, 0) + (a != 0).sum(axis=0, dtype=numpy.int64)
+        if t is not None:
+            wrong = wrong + (a.argmax(axis=1) != t[start:start + batch_size]).sum()
+    for l in net.layers:
+        l.cache = None
+    counts = {name: (S[prev] if prev is not None else xp.full(shape, len(x), dtype=numpy.int64), S[name])
+              for name, (prev, shape) in inputs.items()}
+    return counts, int(wrong)
+
+
+def _row(name, kind, weights, survivors, macs, left, nonzero, entries, n):
+    return {"name": name, "kind": kind, "weights": weights, "flop": 2 * macs,
+            "act": nonzero / entries if entries else 0.0,
+            "weights_left": survivors / weights if weights else 0.0,
+            "flop_left": left / (macs * n) if macs and n else 0.0,
+            "weights_nonzero": survivors, "macs": macs, "macs_left": left,
+            "act_nonzero": nonzero, "act_entries": entries}
+
+
+def layer_report(net, x, batch_size=1000, *, t=None):
+    """The paper's per-layer table for ``net`` on the inputs ``x`` (module docstring).
+
+    Parameters
+    ----------
+    net : :class:`sparsenet.model.Network`; only read (its layer caches are cleared).
+    x : array (N, *net.input_shape), NumPy or CuPy — the test set.
+    batch_size : rows per forward pass.
+    t : optional labels (N,): the report then carries the top-1 ``error``.
+
+    Returns
+    -------
+    dict with ``layers`` (one row per parametric layer: name, kind, weights, flop, act,
+    weights_left, flop_left as fractions in [0, 1], plus the raw counts weights_nonzero,
+    macs (origin, per sample), macs_left (over the test set), act_nonzero, act_entries),
+    ``total`` (same keys), ``params``, ``nonzero_params``, ``compression``, ``samples``,
+    ``model`` and ``error`` (None without ``t``).
+    """
+    n = len(x)
+    if n == 0:
+        raise SparsenetError("cannot report on an empty data set")
+    counts, wrong = _nonzero_counts(net, x, t, batch_size)
+    rows = []
+    for l in net.layers:
+        if "W" not in l.params:
+            continue
+        S_in, S_out = counts[l.name]
+        o = net.origin[l.name]
+        units_now = l.params["W"].data.shape[0]
+        units_origin = o["params"] - o["weights"]  # one bias per unit
+        entries = n * math.prod(S_out.shape) * units_origin // units_now
+        rows.append(_row(l.name, l.kind, o["weights"], l.params["W"].nonzero(), o["macs"],
+                         macs_left(l, S_in), int(S_out.sum()), entries, n))
+    total = _row("total", "", *(sum(r[k] for r in rows) for k in
+                                ("weights", "weights_nonzero", "macs", "macs_left", "act_nonzero", "act_entries")), n)
+    params = sum(o["params"] for o in net.origin.values())
+    nonzero = net.count_nonzero()
+    return {"model": net.name, "samples": n, "layers": rows, "total": total, "params": params,
+            "nonzero_params": nonzero, "compression": params / nonzero if nonzero else None,
+            "error": wrong / n if t is not None else None}
+
+
+# ----------------------------------------------------------------------------- sensitivity
+def _batched(layers, x, batch_size, fn):
+    """``concatenate([fn(layers(x[s:s+b]), s) for each batch start s])`` at inference."""
+    out = []
+    for start in range(0, len(x), batch_size):
+        a = x[start:start + batch_size]
+        for l in layers:
+            a = l.forward(a, train=False)
+        out.append(fn(a, start))
+    for l in layers:
+        l.cache = None
+    return get_array_module(x).concatenate(out)
+
+
+def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=1000):
+    """Test error with one layer pruned to each ratio, no retraining (the paper's Fig. 6).
+
+    For every layer in ``layers`` (default: all prunable) and every ratio r, the layer
+    alone gets ``percentile_mask(W, M, r)``: a fraction r of its current weights pruned,
+    counting those already pruned (so r below its sparsity changes nothing). The layer's
+    input is computed once per layer and only the rest of the network is re-run. The
+    layer's weight and mask arrays are put back afterwards (the very same arrays, so
+    the network is unchanged bitwise).
+
+    Returns ``{"ratios": [...], "layers": {name: [error per ratio]}, "baseline": error,
+    "samples": N, "model": name}``; errors are fractions.
+    """
+    ratios = [float(r) for r in ratios]
+    if not ratios or not all(0.0 <= r <= 1.0 for r in ratios):
+        raise SparsenetError(f"pruning ratios must be numbers in [0, 1], got {ratios}")
+    allowed = prunable_layers(net)
+    layers = list(allowed if layers is None else layers)
+    unknown = [n for n in layers if n not in allowed]
+    if unknown:
+        raise SparsenetError(f"no prunable layer named {', '.join(unknown)} (prunable: {', '.join(allowed)})")
+    if len(x) == 0:
+        raise SparsenetError("cannot evaluate on an empty data set")
+    baseline = net.error(x, t, batch_size)
+    result = {"model": net.name, "samples": len(x), "ratios": ratios, "baseline": baseline, "layers": {}}
+    for name in layers:
+        i = next(k for k, l in enumerate(net.layers) if l.name == name)
+        h = _batched(net.layers[:i], x, batch_size, lambda a, s: a)  # the layer's input, once
+        p = net.layers[i].params["W"]
+        W0, M0, n0, errors = p.data, p.mask, p.nonzero(), []
+        try:
+            for r in ratios:
+                M = percentile_mask(W0, M0, r)
+                if int(get_array_module(M).count_nonzero(M)) == n0:
+                    errors.append(baseline)  # nothing pruned: the network as it is
+                    continue
+                p.data, p.mask = W0 * M, M
+                wrong = _batched(net.layers[i:], h, batch_size,
+                                 lambda a, s: (a.argmax(axis=1) != t[s:s + batch_size]).sum()[None])
+                errors.append(int(wrong.sum()) / len(x))
+        finally:
+            p.data, p.mask = W0, M0
+        result["layers"][name] = errors
+    return result
+
+
+def plot_sensitivity(result, path):
+    """Fig. 6-style PNG: test error against the fraction of a layer's weights pruned.
+
+    Written atomically to ``path``; returns False (writing nothing) without matplotlib.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, errors in result["layers"].items():
+        ax.plot(result["ratios"], [100 * e for e in errors], marker="o", ms=3, label=name)
+    ax.axhline(100 * result["baseline"], color="gray", ls="--", lw=1, label="unpruned")
+    ax.set_xlabel("fraction of the layer's parameters pruned")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{result.get('model') or 'network'}: one layer pruned, no retraining")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return True
+
+
+# ----------------------------------------------------------------------------- formatting
+def _pct(v, digits=1):
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _text_table(header, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*map(str, r)) for r in [header, *rows])
+
+
+def _md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+_COLUMNS = ["layer", "weights", "FLOP", "act%", "weights% left", "FLOP% left"]
+
+
+def _report_rows(report):
+    return [[r["name"], f"{r['weights']:,}", f"{r['flop']:,}", _pct(r["act"]), _pct(r["weights_left"]),
+             _pct(r["flop_left"])] for r in [*report["layers"], report["total"]]]
+
+
+def _summary_line(report):
+    comp = report["compression"]
+    line = (f"params (incl. biases) {report['params']:,} -> {report['nonzero_params']:,} non-zero"
+            f" ({comp:.1f}x compression)" if comp else f"params {report['params']:,}, none left")
+    if report.get("error") is not None:
+        line += f"; test error {_pct(report['error'], 2)}"
+    return line + f" on {report['samples']:,} images"
+
+
+def format_table(report):
+    """Plain-text table of :func:`layer_report` for the terminal."""
+    return _text_table(_COLUMNS, _report_rows(report)) + "\n" + _summary_line(report)
+
+
+def format_markdown(report, paper=None):
+    """Markdown table of :func:`layer_report`; ``paper`` (an entry of :data:`PAPER`) adds
+    the paper's act%, weights% left and FLOP% left beside ours, row by row."""
+    header, rows = list(_COLUMNS), _report_rows(report)
+    if paper:
+        header += ["paper act%", "paper weights% left", "paper FLOP% left"]
+        for r in rows:
+            p = paper["rows"].get(r[0], {})
+            r += [_pct(p.get("act")), _pct(p.get("weights_left")), _pct(p.get("flop_left"))]
+    title = f"# Per-layer report: {report.get('model') or 'network'}"
+    if report.get("checkpoint"):
+        title += f" (`{report['checkpoint']}`)"
+    notes = [title, "", _summary_line(report) + ".", "", _md_table(header, rows), ""]
+    if paper:
+        notes += [f"Columns \"paper …\": {paper['source']}, as published (their network, not this one).", ""]
+    notes += [("act%: non-zero share of the activation each layer hands on (after ReLU/pooling), over the "
+               "test set. FLOP% left: multiplications with a surviving weight and a non-zero input, the "
+               "image counted as dense. Percentages are of the dense (origin) network."), ""]
+    return "\n".join(notes)
+
+
+def format_sensitivity(result, markdown=False):
+    """Table of :func:`sensitivity`: one row per ratio, test error per layer."""
+    names = list(result["layers"])
+    rows = [[f"{r:.2f}", *(_pct(result["layers"][n][k], 2) for n in names)] for k, r in enumerate(result["ratios"])]
+    header = ["pruned", *names]
+    base = f"unpruned test error {_pct(result['baseline'], 2)} on {result['samples']:,} images"
+    if markdown:
+        return (f"# Sensitivity: {result.get('model') or 'network'}, one layer pruned at a time, no retraining\n\n"
+                f"{_md_table(header, rows)}\n\n\"pruned\": fraction of the layer's weights pruned (counting "
+                f"those pruned already); {base}.\n")
+    return _text_table(header, rows) + "\n" + base
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _load(checkpoint, data_dir, device):
+    from .backend import array_module
+    from .checkpoint import load_checkpoint
+    from .train import load_split
+
+    xp = array_module(device)
+    ck = load_checkpoint(checkpoint, xp)
+    dataset = ck.config.get("dataset", "mnist")
+    x, t = load_split(dataset, ck.net.input_shape, xp, data_dir, split="test")["test"]
+    return ck.net, dataset, x, t
+
+
+def _out_dir(checkpoint, out):
+    return Path(out) if out is not None else Path(checkpoint).parent
+
+
+def report_checkpoint(checkpoint, out=None, data_dir=None, device=None):
+    """:func:`layer_report` of a checkpoint on its dataset's test split; writes
+    ``report.json`` and ``report.md`` into ``out`` (default: the checkpoint's folder)."""
+    net, dataset, x, t = _load(checkpoint, data_dir, device)
+    rep = {"checkpoint": str(checkpoint), "dataset": dataset, **layer_report(net, x, t=t)}
+    out = _out_dir(checkpoint, out)
+    rep["files"] = [str(out / "report.json"), str(out / "report.md")]
+    write_text_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
+    write_text_atomic(out / "report.md", format_markdown(rep, PAPER.get(net.name)))
+    return rep
+
+
+def sensitivity_checkpoint(checkpoint, out=None, ratios=DEFAULT_RATIOS, layers=None, data_dir=None, device=None):
+    """:func:`sensitivity` of a checkpoint; writes ``sensitivity.json``, ``sensitivity.md``
+    and, with matplotlib, ``sensitivity.png`` into ``out`` (default: the checkpoint's folder)."""
+    net, dataset, x, t = _load(checkpoint, data_dir, device)
+    res = {"checkpoint": str(checkpoint), "dataset": dataset, **sensitivity(net, x, t, ratios, layers)}
+    out = _out_dir(checkpoint, out)
+    res["files"] = [str(out / "sensitivity.json"), str(out / "sensitivity.md")]
+    if plot_sensitivity(res, out / "sensitivity.png"):
+        res["files"].append(str(out / "sensitivity.png"))
+    write_text_atomic(out / "sensitivity.json", json.dumps(res, indent=2) + "\n")
+    write_text_atomic(out / "sensitivity.md", format_sensitivity(res, markdown=True))
+    return res
