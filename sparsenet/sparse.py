@@ -66,6 +66,8 @@ import numpy
 
 from . import layers as L
 from .backend import asnumpy, get_array_module, sparse_module, to_device
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import load_checkpoint, open_hdf5
 from .model import build_network
 from .util import SparsenetError, atomic_path
 
@@ -363,19 +365,11 @@ def load_model(path, xp=numpy):
     problem raises :class:`SparsenetError` naming the file and the parameter.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SparsenetError(f"{path}: no such model file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise SparsenetError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
+    with open_hdf5(path, "model") as f:
         fmt = _text_attr(f, "format")
         if fmt == FORMAT:
             return _read_model(f, path, xp)
-    if fmt == "sparsenet-checkpoint":
-        from .checkpoint import load_checkpoint
-
+    if fmt == CHECKPOINT_FORMAT:
         return load_checkpoint(path, xp).net
     raise SparsenetError(f"{path}: not a sparsenet model file or checkpoint (format tag missing)")
 
@@ -421,6 +415,22 @@ def export_sizes(net):
     return sizes
 
 
+def prune_at_random(net, density, seed=0):
+    """Give every prunable parameter a random mask keeping a ``density[layer]`` fraction.
+
+    For tests and benchmarks that need a pruned network of given per-layer densities
+    (PAPER.md, Tables 2–3) without training it; magnitude pruning lives elsewhere.
+    Pruned weights are set to exactly 0, so ``W == W ⊙ M`` holds. Returns ``net``.
+    """
+    rng = numpy.random.default_rng(seed)
+    xp = net.xp
+    for name, p in net.params().items():
+        if p.prunable:
+            p.mask = xp.asarray((rng.random(p.data.shape) < density[name.split(".")[0]]).astype(numpy.float32))
+            p.data *= p.mask
+    return net
+
+
 # ----------------------------------------------------------------------------- inference
 def prefer_sparse(density, rows, n_weights, xp=numpy):
     """Whether a layer runs faster as a sparse product (measured rule, README).
@@ -433,6 +443,18 @@ def prefer_sparse(density, rows, n_weights, xp=numpy):
             return False
         return density <= (0.10 if rows == 1 else 0.05 if rows <= 64 else 0.02)
     return density <= 0.10 and n_weights >= 1_000_000
+
+
+def layer_operand(layer, x):
+    """The dense operand ``X`` (M, K) of a Linear/Conv2d's product ``X W₂ᵀ`` and the shape
+    its (M, F) result takes: x itself for a Linear (shape None), the im2col rows
+    (N·Ho·Wo, kh·kw·C) for a Conv2d (shape (N, Ho, Wo, F))."""
+    if isinstance(layer, L.Linear):
+        return x, None
+    F, kh, kw, _ = layer.params["W"].data.shape
+    cols = L.im2col(x, kh, kw, layer.stride, layer.pad)
+    N, Ho, Wo = cols.shape[:3]
+    return cols.reshape(N * Ho * Wo, -1), (N, Ho, Wo, F)
 
 
 def sparse_matmul_t(W_csr, X):
@@ -491,14 +513,10 @@ class SparseNetwork:
     def forward(self, x):
         """Logits for a batch ``x`` (N, *input_shape)."""
         for l in self.net.layers:
-            if isinstance(l, L.Linear):
-                x = self._product(l.name, x) + l.params["b"].data
-            elif isinstance(l, L.Conv2d):
-                F, kh, kw, _ = l.params["W"].data.shape
-                cols = L.im2col(x, kh, kw, l.stride, l.pad)
-                N, Ho, Wo = cols.shape[:3]
-                y = self._product(l.name, cols.reshape(N * Ho * Wo, -1)) + l.params["b"].data
-                x = y.reshape(N, Ho, Wo, F)
+            if l.name in self.mats:
+                X, shape = layer_operand(l, x)
+                y = self._product(l.name, X) + l.params["b"].data
+                x = y if shape is None else y.reshape(shape)
             else:
                 x = l.forward(x)
                 l.cache = None

@@ -26,22 +26,14 @@ from sparsenet.sparse import (
     storage_report,
     unpack_bits,
 )
+from sparsenet.sparse import (
+    prune_at_random as prune,
+)
 from sparsenet.train import load_split
 from sparsenet.util import SparsenetError
 
 PAPER_DENSITY = {"lenet-300-100": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},  # PAPER.md, Tables 2 and 3
                  "lenet-5": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19}}
-
-
-def prune(net, density, seed=0):
-    """Random masks at ``density[layer]``; pruned weights set to exactly 0."""
-    rng = np.random.default_rng(seed)
-    xp = net.xp
-    for name, p in net.params().items():
-        if p.prunable:
-            p.mask = xp.asarray((rng.random(p.data.shape) < density[name.split(".")[0]]).astype(np.float32))
-            p.data *= p.mask
-    return net
 
 
 def pruned(model, seed=0, xp=np):
