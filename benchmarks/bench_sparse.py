@@ -83,7 +83,7 @@ def bench_network(tag, net, xp, seconds, batches=(1, 64)):
         # the operand each layer multiplies: run the net once, keeping each layer's input
         h = x
         for l in net.layers:
-            if l.name in sparse.mats:
+            if l.name in sparse.mats and len(sparse.mats) > 1:  # a one-layer net is its own row
                 X = layer_operand(l, h)[0]
                 W2, csr, density = sparse.mats[l.name]
                 td, ts = race([partial(xp.matmul, X, W2.T), partial(sparse_matmul_t, csr, X)], xp, seconds)
@@ -93,7 +93,7 @@ def bench_network(tag, net, xp, seconds, batches=(1, 64)):
             l.cache = None
         td, ts, ta = race([partial(dense.forward, x), partial(sparse.forward, x), partial(auto.forward, x)], xp, seconds)
         plan = ",".join(k for k, v in auto.plan(n).items() if v == "sparse") or "-"
-        rows.append(row(f"{tag} whole net", n, td, ts, ta, plan))
+        rows.append(row(f"{tag} whole net" if len(sparse.mats) > 1 else tag, n, td, ts, ta, plan))
     return rows
 
 
@@ -132,15 +132,16 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     xp = array_module(a.device)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {numpy.__version__}, "
-          f"device {a.device}", flush=True)
+    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, BLAS threads {threads}, "
+          f"numpy {numpy.__version__}, device {a.device}, load average {os.getloadavg()[0]:.1f}", flush=True)
     if a.sweep:
         sweep(xp, a.seconds / 4)
         return 0
     nets = [(str(p), load_model(p, xp)) for p in a.checkpoint] or [
         (name, prune_at_random(build_model(name, xp=xp), d)) for name, d in PAPER.items()]
     rows = []
-    for tag, net in nets + [(f"fc6 @{d:.0%}", fc6(d, xp)) for d in (0.09, 0.04)]:
+    for tag, net in nets + [(f"fc6 4096x9216 @{d:.0%} (+ bias)", fc6(d, xp)) for d in (0.09, 0.04)]:
         for r in bench_network(tag, net, xp, a.seconds):
             rows.append(r)
             print(f"{r['case']:<52} batch {r['batch']:>3}: dense {r['dense_ms']:9.3f} ms  sparse {r['sparse_ms']:9.3f} ms"

@@ -189,7 +189,7 @@ def relative_decode(codes, values, shape, bits):
     r = pos // cols
     indptr = numpy.zeros(rows + 1, dtype=numpy.int32)
     numpy.cumsum(numpy.bincount(r, minlength=rows), out=indptr[1:])
-    return numpy.asarray(values, dtype=numpy.float32), (pos % cols).astype(numpy.int32), indptr
+    return numpy.asarray(values), (pos % cols).astype(numpy.int32), indptr
 
 
 # ----------------------------------------------------------------------------- storage
@@ -279,9 +279,11 @@ _EMPTY = numpy.zeros(0, dtype=numpy.float32)
 
 
 def _text_attr(f, key):
-    """A text attribute (stored as fixed-length bytes, or as str), or None."""
+    """A text attribute (stored as fixed-length bytes, or as str); None if absent or not text."""
     v = f.attrs.get(key)
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    return v if isinstance(v, str) else None
 
 
 def _member(g, key, cls):
@@ -433,16 +435,29 @@ def prune_at_random(net, density, seed=0):
 
 # ----------------------------------------------------------------------------- inference
 def prefer_sparse(density, rows, n_weights, xp=numpy):
-    """Whether a layer runs faster as a sparse product (measured rule, README).
+    """Whether a product ``X W₂ᵀ`` runs faster with W₂ as CSR (measured rule, README).
 
-    ``density`` is the weight's non-zero fraction, ``rows`` the rows of the dense
-    operand (batch size for a Linear, N·Ho·Wo for a Conv2d), ``n_weights`` its size.
+    ``density``: W₂'s non-zero fraction; ``rows``: rows of X (the batch size for a
+    Linear, N·Ho·Wo for a Conv2d); ``n_weights``: W₂'s size.
+
+    CPU (``benchmarks/bench_sparse.py --sweep``, 2-core EPYC): scipy's CSR kernels cost
+    about 1 ns per stored weight and row of X, plus a few µs per call; a dense GEMV
+    about 0.1 ns per weight while W₂ stays in cache and ~0.3 ns once it streams from
+    memory; a dense GEMM (several rows) much less per weight and row. Hence:
+
+    * one row: sparse at density ≤ 20% for ≥ 4M weights (W₂ streams from memory),
+      ≤ 5% for ≥ 100K weights, and never for smaller layers (call overhead);
+    * several rows: sparse at density ≤ 5% when rows × weights ≥ 1M (a one-thread
+      sweep crosses over near 10%; BLAS runs a GEMM on all cores, scipy on one).
+
+    GPU (``cupyx.scipy.sparse``): not measured (no GPU on the development machine); a
+    conservative guess, sparse only for one row, ≥ 1M weights and density ≤ 10%.
     """
-    if xp is numpy:
-        if n_weights < 20_000:
-            return False
-        return density <= (0.10 if rows == 1 else 0.05 if rows <= 64 else 0.02)
-    return density <= 0.10 and n_weights >= 1_000_000
+    if xp is not numpy:
+        return rows == 1 and n_weights >= 1_000_000 and density <= 0.10
+    if rows == 1:
+        return n_weights >= 100_000 and density <= (0.20 if n_weights >= 4_000_000 else 0.05)
+    return density <= 0.05 and rows * n_weights >= 1_000_000
 
 
 def layer_operand(layer, x):

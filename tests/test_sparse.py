@@ -21,6 +21,7 @@ from sparsenet.sparse import (
     export_sizes,
     load_model,
     pack_bits,
+    prefer_sparse,
     relative_decode,
     relative_encode,
     storage_report,
@@ -265,6 +266,8 @@ MALFORMED = [
     ("relative", _replace("values", lambda a: np.where(np.arange(len(a)) == 5, np.inf, a).astype(np.float32)),
      "infinite"),
     ("relative", _past_end, "past the"),
+    ("relative", _replace("values", lambda a: a.astype(np.float64)), "float32"),
+    ("relative", _attr("/", "encoding", lambda v: [1, 2]), "unknown encoding"),
 ]
 
 
@@ -312,11 +315,12 @@ def test_plan_follows_density_and_batch_size():
     big = build_network({"name": "", "input_shape": [9216], "layers": [
         {"kind": "linear", "name": "fc6", "n_in": 9216, "n_out": 512}, {"kind": "relu", "name": "r"},
         {"kind": "linear", "name": "fc7", "n_in": 512, "n_out": 10}]})
-    prune(big, {"fc6": 0.04, "fc7": 1.0})
+    prune(big, {"fc6": 0.08, "fc7": 0.01})
     plan = SparseNetwork(big).plan
-    assert plan(1) == {"fc6": "sparse", "fc7": "dense"}
-    assert plan(100_000)["fc6"] == "dense"
-    assert set(SparseNetwork(big, "sparse").plan(1).values()) == {"sparse"}
+    assert plan(1) == {"fc6": "sparse", "fc7": "dense"}  # fc7 is too small to gain
+    assert plan(64) == {"fc6": "dense", "fc7": "dense"}  # 8% is too dense for a GEMM
+    assert set(SparseNetwork(big, "sparse").plan(64).values()) == {"sparse"}
+    assert prefer_sparse(0.04, 64, 400_000) and not prefer_sparse(0.04, 1, 30_000)
 
 
 def test_mnist_predictions_identical_across_formats_and_engines(files):
