@@ -66,6 +66,19 @@ def asnumpy(a):
     return numpy.asarray(a)
 
 
+def sparse_module(xp):
+    """The sparse-matrix module matching an array module: ``scipy.sparse`` for NumPy,
+    ``cupyx.scipy.sparse`` for CuPy (both offer ``csr_matrix((data, indices, indptr),
+    shape)`` and ``A @ dense``)."""
+    if xp is numpy:
+        import scipy.sparse
+
+        return scipy.sparse
+    import cupyx.scipy.sparse
+
+    return cupyx.scipy.sparse
+
+
 def to_device(a, xp):
     """Move a host or device array onto the module ``xp`` (no copy if already there)."""
     if xp is numpy:

@@ -74,6 +74,17 @@ def _read(f, key, shape, path):
     return a
 
 
+def open_hdf5(path, what="checkpoint"):
+    """``h5py.File(path, "r")``, or :class:`SparsenetError` saying the ``what`` file is
+    missing or not readable HDF5 (truncated, or not HDF5 at all)."""
+    if not Path(path).is_file():
+        raise SparsenetError(f"{path}: no such {what} file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise SparsenetError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
 def load_checkpoint(path, xp=numpy):
     """Read a checkpoint written by :func:`save_checkpoint` onto the array module ``xp``.
 
@@ -83,13 +94,7 @@ def load_checkpoint(path, xp=numpy):
     than silently "repaired", because it would mean a pruned connection came back.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SparsenetError(f"{path}: no such checkpoint file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise SparsenetError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
+    with open_hdf5(path, "checkpoint") as f:
         if f.attrs.get("format") != FORMAT:
             raise SparsenetError(f"{path}: not a sparsenet checkpoint (format tag missing)")
         if int(f.attrs.get("version", -1)) != VERSION:

@@ -112,6 +112,7 @@ def build_parser():
     p.add_argument("checkpoint", nargs="?", help="a checkpoint (or use --model)")
     p.add_argument("--model", choices=sorted(MODELS))
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_sparse_parsers(sub)
     return ap
 
 
@@ -237,6 +238,85 @@ def cmd_summary(a):
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
             "report": cmd_report, "sensitivity": cmd_sensitivity}
+
+
+# ----------------------------------------------------------------------------- export, predict
+def _add_sparse_parsers(sub):
+    from .sparse import ENCODINGS
+
+    p = sub.add_parser("export", help="write a model file (dense, CSR or relative-index sparse) and its storage table")
+    p.add_argument("checkpoint", help="a checkpoint (or a model file)")
+    p.add_argument("out", nargs="?", help="model file to write (HDF5)")
+    p.add_argument("--format", choices=ENCODINGS, default="relative", help="encoding of the weights (default relative)")
+    p.add_argument("--report", action="store_true",
+                   help="write nothing: print the storage table and the on-disk size of all three formats")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("predict", help="test error of a model file (or checkpoint), pruned layers run sparse")
+    p.add_argument("model")
+    p.add_argument("--mode", choices=("auto", "dense", "sparse"), default="auto",
+                   help="per-layer choice by density and batch size (auto), or force one")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--dataset", default="mnist", help="mnist or fashion-mnist")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_common(p)
+
+
+def cmd_export(a):
+    from pathlib import Path
+
+    from .sparse import export_model, export_sizes, load_model, storage_report
+
+    if (a.out is None) != a.report:
+        raise SparsenetError("export needs an output file OUT.h5, or --report (which writes nothing)")
+    net = load_model(a.checkpoint)
+    r = {"checkpoint": a.checkpoint, **storage_report(net)}
+    if a.report:
+        r["file_bytes"] = export_sizes(net)
+    else:
+        export_model(net, a.out, a.format)
+        r.update(out=a.out, format=a.format, file_bytes={a.format: Path(a.out).stat().st_size})
+    if a.json:
+        print(json.dumps(r))
+        return
+    fmt = "{:<8} {:>9} {:>9} {:>7} {:>11} {:>11} {:>11} {:>8} {:>8} {:>7} {:>7}"
+    print(fmt.format("layer", "weights", "non-zero", "density", "dense B", "CSR B", "relative B",
+                     "CSR idx", "rel idx", "CSR x", "rel x"))
+    for row in r["layers"] + [r["total"]]:
+        print(fmt.format(row["layer"], f"{row['weights']:,}", f"{row['nonzero']:,}", f"{100 * row['density']:.1f}%",
+                         f"{row['dense_bytes']:,}", f"{row['csr_bytes']:,}", f"{row['relative_bytes']:,}",
+                         f"{row['csr_overhead_pct']:.1f}%", f"{row['relative_overhead_pct']:.1f}%",
+                         f"{row['ratio_csr']:.1f}", f"{row['ratio_relative']:.1f}"))
+    sizes = r["file_bytes"]
+    print("on disk: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items())
+          + (f"  (dense/relative {sizes['dense'] / sizes['relative']:.2f}x)" if len(sizes) == 3 else f"  -> {a.out}"))
+
+
+def cmd_predict(a):
+    import time
+
+    from .backend import array_module
+    from .sparse import SparseNetwork, load_model
+    from .train import load_split
+
+    if a.batch_size < 1:
+        raise SparsenetError(f"--batch-size must be >= 1, got {a.batch_size}")
+    xp = array_module(a.device)
+    net = load_model(a.model, xp)
+    x, t = load_split(a.dataset, net.input_shape, xp, a.data_dir, split="test")["test"]
+    snet = SparseNetwork(net, a.mode)
+    t0 = time.perf_counter()
+    error = float((snet.predict(x, a.batch_size) != t).mean())
+    r = {"model": a.model, "test_error": error, "n_test": len(t), "mode": a.mode,
+         "layers": snet.plan(a.batch_size), "seconds": time.perf_counter() - t0}
+    if a.json:
+        print(json.dumps(r))
+        return
+    plan = "; ".join(f"{k} {', '.join(n for n, v in r['layers'].items() if v == k) or '-'}" for k in ("sparse", "dense"))
+    print(f"{a.model}: test error {100 * error:.2f}% on {len(t):,} images ({plan}; {r['seconds']:.2f} s)")
+
+
+COMMANDS.update(export=cmd_export, predict=cmd_predict)
 
 
 def main(argv=None):
