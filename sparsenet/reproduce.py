@@ -15,6 +15,7 @@ the per-layer report (Tables 2/3) → figures, and writes ``reproduce/results/<e
 ``fig5_tradeoff.png``, ``fig6_sensitivity.png``. The runs themselves (checkpoints, logs)
 go to ``<results>/work/``; every step resumes where a killed run stopped.
 """
+import dataclasses
 import json
 import platform
 import subprocess
@@ -91,6 +92,15 @@ def _prune(source, run_dir, schedule, data_dir, device, progress=False):
     resume = (Path(run_dir) / "checkpoint.h5").exists()
     return prune_run(source, run_dir, None if resume else schedule, resume=resume, data_dir=data_dir,
                      device=device, progress=progress)
+
+
+def _same_run(stored, wanted, cfg_path):
+    """A resumed step must be the run the config asks for: an edited config does not
+    silently continue (or reuse) a run made with other settings."""
+    have = _read_json(stored)
+    if have is not None and have != json.loads(json.dumps(wanted)):
+        raise SparsenetError(f"{stored.parent} was started with other settings than {cfg_path} now gives; "
+                             f"delete {stored.parent} (or use --out) to run the experiment again")
 
 
 def _read_json(path):
@@ -232,6 +242,8 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
 
     dense_dir, pruned_dir = work / "dense", work / "pruned"
     tcfg = TrainConfig.from_dict(cfg["train"])
+    _same_run(dense_dir / "config.json", dataclasses.asdict(tcfg), cfg_path)
+    _same_run(pruned_dir / "schedule.json", Schedule.from_dict(cfg["prune"]).to_dict(), cfg_path)
     _say(progress, f"{cfg['experiment']}: dense training ({tcfg.epochs} epochs) in {dense_dir}")
     resume = (dense_dir / "checkpoint.h5").exists()
     step("dense", lambda: train(dense_dir, None if resume else tcfg, resume=resume, data_dir=data_dir,

@@ -28,6 +28,13 @@ def test_reduced_reproduction_meets_its_bounds(name, tmp_path):
     # a second call finds every step done and reproduces the same numbers
     again = reproduce(name, tmp_path, progress=False)
     assert again["pruned"] == m["pruned"] and again["dense"] == m["dense"]
+    # an edited config does not silently reuse runs made with other settings
+    for part, key, value in (("prune", "seed", 1), ("train", "epochs", cfg["train"]["epochs"] + 1)):
+        edited = json.loads(json.dumps(cfg))
+        edited[part][key] = value
+        (tmp_path / "edited.json").write_text(json.dumps(edited))
+        with pytest.raises(SparsenetError, match="other settings"):
+            reproduce(str(tmp_path / "edited.json"), tmp_path, progress=False)
 
 
 def test_experiments_and_errors(tmp_path, capsys):
