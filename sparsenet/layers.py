@@ -191,10 +191,10 @@ def maxpool2d_forward(x, k, stride):
 
     Shapes: x (N, H, W, C) -> y (N, Ho, Wo, C), ``Ho = ⌊(H − k)/stride⌋ + 1``.
 
-    Forward: ``y[n,p,q,c] = max_{i,j<k} x[n, s·p+i, s·q+j, c]``; the cache keeps the
-    winning offset ``a = i·k + j`` (the first one on ties, so the gradient goes to one
-    input only). The loop runs over the k² offsets, each a vectorised operation on a
-    whole strided slab of the batch.
+    Forward: ``y[n,p,q,c] = max_{i,j<k} x[n, s·p+i, s·q+j, c]``, a running maximum over
+    the k² strided slabs ``x[:, i::s, j::s, :]`` (one vectorised op each). No argmax is
+    kept: the cache holds x and y, and the backward pass finds the winners again by
+    comparison, which is cheaper than tracking indices here and free at inference.
     """
     xp = get_array_module(x)
     N, H, W, C = x.shape
@@ -202,39 +202,53 @@ def maxpool2d_forward(x, k, stride):
     if Ho < 1 or Wo < 1:
         raise ValueError(f"max-pool window {k} larger than input {H}x{W}")
     y = _window(x, 0, 0, Ho, Wo, stride).copy()
-    arg = xp.zeros(y.shape, dtype=numpy.uint8 if k * k <= 256 else numpy.int32)
-    better = xp.empty(y.shape, dtype=bool)
     for o in range(1, k * k):
-        v = _window(x, o // k, o % k, Ho, Wo, stride)
-        xp.greater(v, y, out=better)
-        xp.maximum(y, v, out=y)
-        xp.copyto(arg, o, where=better)
-    return y, (x.shape, arg, k, stride)
+        xp.maximum(y, _window(x, o // k, o % k, Ho, Wo, stride), out=y)
+    return y, (x, y, k, stride)
+
+
+def _keep_first(hits):
+    """Clear every True of ``hits[o]`` that an earlier ``hits[o' < o]`` already has (in place).
+
+    Afterwards each position is True in at most one of the arrays: ties go to the first.
+    """
+    taken = hits[0].copy()
+    for h in hits[1:]:
+        h &= ~taken
+        taken |= h
 
 
 def maxpool2d_backward(gy, cache):
     """Backward of :func:`maxpool2d_forward`: each gy goes to the input that won its window.
 
-    ``gx[n, s·p+i, s·q+j, c] += gy[n,p,q,c] · [a[n,p,q,c] = i·k + j]``
+    ``gx[n, s·p+i, s·q+j, c] += gy[n,p,q,c] · w[n,p,q,i,j,c]``, where ``w`` is 1 at the
+    first offset ``(i, j)`` in row-major order with ``x[n, s·p+i, s·q+j, c] = y[n,p,q,c]``
+    and 0 at the others (so on ties the gradient goes to one input only).
 
-    When the windows tile the input (k = stride) the k² one-hot slabs are written in one
-    broadcast; otherwise they are accumulated offset by offset.
+    When the windows tile the input (k = stride), ``x`` viewed as (N, Ho, k, Wo, k, C)
+    is compared with ``y`` in one broadcast, and ``gx`` is one broadcast product; the
+    offset-by-offset tie resolution runs only if some window has two maxima (more
+    winners than windows). Otherwise the k² offsets are handled one slab at a time.
     """
-    x_shape, arg, k, stride = cache
+    x, y, k, stride = cache
     xp = get_array_module(gy)
     N, Ho, Wo, C = gy.shape
     if k == stride:
-        offsets = xp.arange(k * k, dtype=arg.dtype).reshape(1, 1, k, 1, k, 1)
-        tiles = (arg[:, :, None, :, None, :] == offsets) * gy[:, :, None, :, None, :]
-        tiles = tiles.reshape(N, Ho * k, Wo * k, C)
-        if tiles.shape == tuple(x_shape):
+        xt = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo, k, C)
+        w = xt == y[:, :, None, :, None, :]
+        if int(xp.count_nonzero(w)) > y.size:
+            _keep_first([w[:, :, o // k, :, o % k] for o in range(k * k)])
+        tiles = (w * gy[:, :, None, :, None, :]).reshape(N, Ho * k, Wo * k, C)
+        if tiles.shape == x.shape:
             return tiles
-        gx = xp.zeros(x_shape, dtype=gy.dtype)
+        gx = xp.zeros(x.shape, dtype=gy.dtype)
         gx[:, :Ho * k, :Wo * k] = tiles
         return gx
-    gx = xp.zeros(x_shape, dtype=gy.dtype)
+    w = [_window(x, o // k, o % k, Ho, Wo, stride) == y for o in range(k * k)]
+    _keep_first(w)
+    gx = xp.zeros(x.shape, dtype=gy.dtype)
     for o in range(k * k):
-        _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * (arg == o)
+        _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * w[o]
     return gx
 
 
