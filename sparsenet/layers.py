@@ -115,14 +115,43 @@ def im2col(x, kh, kw, stride, pad):
 
     x (N, H, W, C) -> cols (N, Ho, Wo, kh, kw, C) with
     ``cols[n, p, q, i, j, c] = x_pad[n, stride·p + i, stride·q + j, c]``.
-    One strided view (``sliding_window_view``) and one copy: no Python loop at all.
+
+    ``cols.reshape(N·Ho·Wo, kh·kw·C)`` is the GEMM operand X of the convolution and is a
+    view (no copy) for either of the two memory layouts used:
+
+    * C > 1: row-major (N, Ho, Wo, kh, kw, C), written by one copy of a strided
+      ``sliding_window_view`` (runs of C contiguous values);
+    * C = 1: offset-major, a (kh, kw, N, Ho, Wo) buffer returned transposed, i.e. X is
+      stored as Xᵀ (K, M). Each of the k² kernel offsets is then one copy of a shifted
+      window of whole image rows; the row-major copy would move runs of a single value
+      and is ~3× slower. BLAS takes the transposed X at no cost.
+
+    No Python loop over images or positions.
     """
     xp = get_array_module(x)
     if pad:
         x = xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    N, H, W, C = x.shape
+    if C == 1:
+        Ho, Wo = conv_output_size(H, kh, stride, 0), conv_output_size(W, kw, stride, 0)
+        cols = xp.empty((kh, kw, N, Ho, Wo, C), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                cols[i, j] = _window(x, i, j, Ho, Wo, stride)
+        return cols.transpose(2, 3, 4, 0, 1, 5)
     view = xp.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # N,H',W',C,kh,kw
     view = view[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)
     return xp.ascontiguousarray(view)
+
+
+def _sum_rows(G):
+    """Σ over the rows of a matrix, as the matrix–vector product ``1ᵀ G`` (one BLAS call).
+
+    For the tall, narrow gradient of a convolution (N·Ho·Wo rows, F columns) this is
+    ~15× faster than ``G.sum(axis=0)``, which NumPy runs as a strided reduction.
+    """
+    xp = get_array_module(G)
+    return xp.ones(G.shape[0], dtype=G.dtype) @ G
 
 
 def conv2d_forward(x, W, b, stride=1, pad=0):
@@ -166,10 +195,12 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
     G = gy.reshape(-1, F)
     gW = gb = None
     if need_gW:
-        gW = (G.T @ X).reshape(W.shape)
+        # Gᵀ X. When im2col stored X transposed (C = 1), Gᵀ X would multiply two
+        # transposed operands, BLAS's slow case; (Xᵀ G)ᵀ reads both as stored (~2× faster).
+        gW = ((X.T @ G).T if X.flags.f_contiguous else G.T @ X).reshape(W.shape)
         if M is not None:
             gW *= M
-        gb = G.sum(axis=0)
+        gb = _sum_rows(G)
     gx = None
     if need_gx:
         xp = get_array_module(gy)
