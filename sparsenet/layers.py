@@ -91,7 +91,11 @@ def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         gW = (gyᵀ x) ⊙ M          (D_out, D_in)
         gb = Σ_n gy[n]            (D_out,)    -- both skipped when need_gW is False (frozen)
 
-    Returns ``(gx, gW, gb)``; a skipped gradient is None.
+    Returns ``(gx, gW, gb)``; a skipped gradient is None. As in the forward pass, gx is
+    computed as ``(Wᵀ gyᵀ)ᵀ`` (faster with OpenBLAS at batch 64) and comes out in the
+    same column-major layout as the forward activations, so the ReLU backward that
+    follows combines two arrays of one layout. gW stays row-major like W, which the
+    optimiser updates in place.
     """
     x, W = cache
     gW = gb = None
@@ -100,7 +104,7 @@ def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         if M is not None:
             gW *= M
         gb = gy.sum(axis=0)
-    gx = gy @ W if need_gx else None
+    gx = (W.T @ gy.T).T if need_gx else None
     return gx, gW, gb
 
 
