@@ -194,10 +194,12 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         gb = Σ_rows G                  (F,)
         gx[n, s·p+i, s·q+j, c] += Σ_f G[n,p,q,f] · W[f,i,j,c]     for every kernel offset (i, j)
 
-    The last line is the adjoint of im2col ("col2im") fused with the GEMM: one
-    (N·Ho·Wo, F)×(F, C) product per kernel offset, added onto a shifted window of the
-    (padded) input gradient; ``gx`` is skipped when ``need_gx`` is False, ``gW`` and
-    ``gb`` when ``need_gW`` is False (a frozen layer). A skipped gradient is None.
+    The last line is the adjoint of im2col ("col2im") fused with the GEMM: one batched
+    product ``D[i, j] = G · W[:, i, j, :]`` gives a row-major (N·Ho·Wo, C) block per
+    kernel offset, and each block is added onto a shifted window of the (padded) input
+    gradient (k² adds of whole contiguous blocks, no scatter). ``gx`` is skipped when
+    ``need_gx`` is False, ``gW`` and ``gb`` when ``need_gW`` is False (a frozen layer).
+    A skipped gradient is None.
     """
     x_shape, X, W, stride, pad = cache
     F, kh, kw, C = W.shape
@@ -216,10 +218,10 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         N, H, W_, _ = x_shape
         Ho, Wo = gy.shape[1:3]
         gx = xp.zeros((N, H + 2 * pad, W_ + 2 * pad, C), dtype=gy.dtype)
-        Wt = W.transpose(1, 2, 0, 3)  # (kh, kw, F, C)
+        D = G @ W.transpose(1, 2, 0, 3)  # (kh, kw, F, C) weights -> (kh, kw, N·Ho·Wo, C)
         for i in range(kh):
             for j in range(kw):
-                _window(gx, i, j, Ho, Wo, stride)[...] += (G @ Wt[i, j]).reshape(N, Ho, Wo, C)
+                _window(gx, i, j, Ho, Wo, stride)[...] += D[i, j].reshape(N, Ho, Wo, C)
         if pad:
             gx = gx[:, pad:pad + H, pad:pad + W_, :]
     return gx, gW, gb
