@@ -19,6 +19,12 @@ Conventions
   invariant ``W == W ⊙ M`` (pruned weights are exactly 0), so the forward pass reads
   ``W`` directly and needs no masked copy; the backward pass masks the weight gradient,
   ``gW ← gW ⊙ M``, so nothing flows into a pruned position.
+* Shapes above are logical. Where a memory layout other than row-major is faster it is
+  chosen inside the function and said in its docstring: Linear outputs and input
+  gradients are column-major (transposed views of a BLAS result), the im2col of a
+  single-channel image is offset-major. Parameters, their gradients and the optimiser
+  state are always row-major, so the in-place updates never mix layouts.
+* Training runs in float32 end to end (data, activations, gradients, masks, state).
 * Code here never imports CuPy: the array module comes from the arrays
   (:func:`sparsenet.backend.get_array_module`).
 """
@@ -207,8 +213,10 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
     gW = gb = None
     if need_gW:
         # Gᵀ X. When im2col stored X transposed (C = 1), Gᵀ X would multiply two
-        # transposed operands, BLAS's slow case; (Xᵀ G)ᵀ reads both as stored (~2× faster).
-        gW = ((X.T @ G).T if X.flags.f_contiguous else G.T @ X).reshape(W.shape)
+        # transposed operands, BLAS's slow case; (Xᵀ G)ᵀ reads both as stored (~2× faster)
+        # and its small (F, K) result is copied row-major, like W.
+        gW = (X.T @ G).T.copy() if X.flags.f_contiguous else G.T @ X
+        gW = gW.reshape(W.shape)
         if M is not None:
             gW *= M
         gb = _sum_rows(G)
