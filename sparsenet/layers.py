@@ -19,6 +19,12 @@ Conventions
   invariant ``W == W ⊙ M`` (pruned weights are exactly 0), so the forward pass reads
   ``W`` directly and needs no masked copy; the backward pass masks the weight gradient,
   ``gW ← gW ⊙ M``, so nothing flows into a pruned position.
+* Shapes above are logical. Where a memory layout other than row-major is faster it is
+  chosen inside the function and said in its docstring: Linear outputs and input
+  gradients are column-major (transposed views of a BLAS result), the im2col of a
+  single-channel image is offset-major. Parameters, their gradients and the optimiser
+  state are always row-major, so the in-place updates never mix layouts.
+* Training runs in float32 end to end (data, activations, gradients, masks, state).
 * Code here never imports CuPy: the array module comes from the arrays
   (:func:`sparsenet.backend.get_array_module`).
 """
@@ -71,8 +77,13 @@ def linear_forward(x, W, b):
     Shapes: x (N, D_in), W (D_out, D_in), b (D_out,) -> y (N, D_out).
 
     Forward:  ``y = x Wᵀ + b``   (with pruning, W stands for W ⊙ M).
+
+    The product is computed as ``(W xᵀ)ᵀ``: the same numbers, but with the batch as the
+    short side of BLAS's output it runs 20–40% faster (OpenBLAS, batch 64, 1 or 2
+    threads). y is then a transposed (column-major) view, which the array ops that
+    follow take as it is.
     """
-    y = x @ W.T
+    y = (W @ x.T).T
     y += b
     return y, (x, W)
 
@@ -86,7 +97,11 @@ def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         gW = (gyᵀ x) ⊙ M          (D_out, D_in)
         gb = Σ_n gy[n]            (D_out,)    -- both skipped when need_gW is False (frozen)
 
-    Returns ``(gx, gW, gb)``; a skipped gradient is None.
+    Returns ``(gx, gW, gb)``; a skipped gradient is None. As in the forward pass, gx is
+    computed as ``(Wᵀ gyᵀ)ᵀ`` (10–60% faster with 2 OpenBLAS threads at batch 64, 5%
+    slower with 1) and comes out in the same column-major layout as the forward
+    activations, so the ReLU backward that follows combines two arrays of one layout.
+    gW stays row-major like W, which the optimiser updates in place.
     """
     x, W = cache
     gW = gb = None
@@ -95,7 +110,7 @@ def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         if M is not None:
             gW *= M
         gb = gy.sum(axis=0)
-    gx = gy @ W if need_gx else None
+    gx = (W.T @ gy.T).T if need_gx else None
     return gx, gW, gb
 
 
@@ -115,14 +130,43 @@ def im2col(x, kh, kw, stride, pad):
 
     x (N, H, W, C) -> cols (N, Ho, Wo, kh, kw, C) with
     ``cols[n, p, q, i, j, c] = x_pad[n, stride·p + i, stride·q + j, c]``.
-    One strided view (``sliding_window_view``) and one copy: no Python loop at all.
+
+    ``cols.reshape(N·Ho·Wo, kh·kw·C)`` is the GEMM operand X of the convolution and is a
+    view (no copy) for either of the two memory layouts used:
+
+    * C > 1: row-major (N, Ho, Wo, kh, kw, C), written by one copy of a strided
+      ``sliding_window_view`` (runs of C contiguous values);
+    * C = 1: offset-major, a (kh, kw, N, Ho, Wo) buffer returned transposed, i.e. X is
+      stored as Xᵀ (K, M). Each of the k² kernel offsets is then one copy of a shifted
+      window of whole image rows; the row-major copy would move runs of a single value
+      and is ~3× slower. BLAS takes the transposed X at no cost.
+
+    No Python loop over images or positions.
     """
     xp = get_array_module(x)
     if pad:
         x = xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    N, H, W, C = x.shape
+    if C == 1:
+        Ho, Wo = conv_output_size(H, kh, stride, 0), conv_output_size(W, kw, stride, 0)
+        cols = xp.empty((kh, kw, N, Ho, Wo, C), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                cols[i, j] = _window(x, i, j, Ho, Wo, stride)
+        return cols.transpose(2, 3, 4, 0, 1, 5)
     view = xp.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # N,H',W',C,kh,kw
     view = view[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)
     return xp.ascontiguousarray(view)
+
+
+def _sum_rows(G):
+    """Σ over the rows of a matrix, as the matrix–vector product ``1ᵀ G`` (one BLAS call).
+
+    For the tall, narrow gradient of a convolution (N·Ho·Wo rows, F columns) this is
+    ~15× faster than ``G.sum(axis=0)``, which NumPy runs as a strided reduction.
+    """
+    xp = get_array_module(G)
+    return xp.ones(G.shape[0], dtype=G.dtype) @ G
 
 
 def conv2d_forward(x, W, b, stride=1, pad=0):
@@ -156,30 +200,36 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         gb = Σ_rows G                  (F,)
         gx[n, s·p+i, s·q+j, c] += Σ_f G[n,p,q,f] · W[f,i,j,c]     for every kernel offset (i, j)
 
-    The last line is the adjoint of im2col ("col2im") fused with the GEMM: one
-    (N·Ho·Wo, F)×(F, C) product per kernel offset, added onto a shifted window of the
-    (padded) input gradient; ``gx`` is skipped when ``need_gx`` is False, ``gW`` and
-    ``gb`` when ``need_gW`` is False (a frozen layer). A skipped gradient is None.
+    The last line is the adjoint of im2col ("col2im") fused with the GEMM: one batched
+    product ``D[i, j] = G · W[:, i, j, :]`` gives a row-major (N·Ho·Wo, C) block per
+    kernel offset, and each block is added onto a shifted window of the (padded) input
+    gradient (k² adds of whole contiguous blocks, no scatter). ``gx`` is skipped when
+    ``need_gx`` is False, ``gW`` and ``gb`` when ``need_gW`` is False (a frozen layer).
+    A skipped gradient is None.
     """
     x_shape, X, W, stride, pad = cache
     F, kh, kw, C = W.shape
     G = gy.reshape(-1, F)
     gW = gb = None
     if need_gW:
-        gW = (G.T @ X).reshape(W.shape)
+        # Gᵀ X. When im2col stored X transposed (C = 1), Gᵀ X would multiply two
+        # transposed operands, BLAS's slow case; (Xᵀ G)ᵀ reads both as stored (~2× faster)
+        # and its small (F, K) result is copied row-major, like W.
+        gW = (X.T @ G).T.copy() if X.flags.f_contiguous else G.T @ X
+        gW = gW.reshape(W.shape)
         if M is not None:
             gW *= M
-        gb = G.sum(axis=0)
+        gb = _sum_rows(G)
     gx = None
     if need_gx:
         xp = get_array_module(gy)
         N, H, W_, _ = x_shape
         Ho, Wo = gy.shape[1:3]
         gx = xp.zeros((N, H + 2 * pad, W_ + 2 * pad, C), dtype=gy.dtype)
-        Wt = W.transpose(1, 2, 0, 3)  # (kh, kw, F, C)
+        D = G @ W.transpose(1, 2, 0, 3)  # (kh, kw, F, C) weights -> (kh, kw, N·Ho·Wo, C)
         for i in range(kh):
             for j in range(kw):
-                _window(gx, i, j, Ho, Wo, stride)[...] += (G @ Wt[i, j]).reshape(N, Ho, Wo, C)
+                _window(gx, i, j, Ho, Wo, stride)[...] += D[i, j].reshape(N, Ho, Wo, C)
         if pad:
             gx = gx[:, pad:pad + H, pad:pad + W_, :]
     return gx, gW, gb
@@ -191,10 +241,10 @@ def maxpool2d_forward(x, k, stride):
 
     Shapes: x (N, H, W, C) -> y (N, Ho, Wo, C), ``Ho = ⌊(H − k)/stride⌋ + 1``.
 
-    Forward: ``y[n,p,q,c] = max_{i,j<k} x[n, s·p+i, s·q+j, c]``; the cache keeps the
-    winning offset ``a = i·k + j`` (the first one on ties, so the gradient goes to one
-    input only). The loop runs over the k² offsets, each a vectorised operation on a
-    whole strided slab of the batch.
+    Forward: ``y[n,p,q,c] = max_{i,j<k} x[n, s·p+i, s·q+j, c]``, a running maximum over
+    the k² strided slabs ``x[:, i::s, j::s, :]`` (one vectorised op each). No argmax is
+    kept: the cache holds x and y, and the backward pass finds the winners again by
+    comparison, which is cheaper than tracking indices here and free at inference.
     """
     xp = get_array_module(x)
     N, H, W, C = x.shape
@@ -202,39 +252,53 @@ def maxpool2d_forward(x, k, stride):
     if Ho < 1 or Wo < 1:
         raise ValueError(f"max-pool window {k} larger than input {H}x{W}")
     y = _window(x, 0, 0, Ho, Wo, stride).copy()
-    arg = xp.zeros(y.shape, dtype=numpy.uint8 if k * k <= 256 else numpy.int32)
-    better = xp.empty(y.shape, dtype=bool)
     for o in range(1, k * k):
-        v = _window(x, o // k, o % k, Ho, Wo, stride)
-        xp.greater(v, y, out=better)
-        xp.maximum(y, v, out=y)
-        xp.copyto(arg, o, where=better)
-    return y, (x.shape, arg, k, stride)
+        xp.maximum(y, _window(x, o // k, o % k, Ho, Wo, stride), out=y)
+    return y, (x, y, k, stride)
+
+
+def _keep_first(hits):
+    """Clear every True of ``hits[o]`` that an earlier ``hits[o' < o]`` already has (in place).
+
+    Afterwards each position is True in at most one of the arrays: ties go to the first.
+    """
+    taken = hits[0].copy()
+    for h in hits[1:]:
+        h &= ~taken
+        taken |= h
 
 
 def maxpool2d_backward(gy, cache):
     """Backward of :func:`maxpool2d_forward`: each gy goes to the input that won its window.
 
-    ``gx[n, s·p+i, s·q+j, c] += gy[n,p,q,c] · [a[n,p,q,c] = i·k + j]``
+    ``gx[n, s·p+i, s·q+j, c] += gy[n,p,q,c] · w[n,p,q,i,j,c]``, where ``w`` is 1 at the
+    first offset ``(i, j)`` in row-major order with ``x[n, s·p+i, s·q+j, c] = y[n,p,q,c]``
+    and 0 at the others (so on ties the gradient goes to one input only).
 
-    When the windows tile the input (k = stride) the k² one-hot slabs are written in one
-    broadcast; otherwise they are accumulated offset by offset.
+    When the windows tile the input (k = stride), ``x`` viewed as (N, Ho, k, Wo, k, C)
+    is compared with ``y`` in one broadcast, and ``gx`` is one broadcast product; the
+    offset-by-offset tie resolution runs only if some window has two maxima (more
+    winners than windows). Otherwise the k² offsets are handled one slab at a time.
     """
-    x_shape, arg, k, stride = cache
+    x, y, k, stride = cache
     xp = get_array_module(gy)
     N, Ho, Wo, C = gy.shape
     if k == stride:
-        offsets = xp.arange(k * k, dtype=arg.dtype).reshape(1, 1, k, 1, k, 1)
-        tiles = (arg[:, :, None, :, None, :] == offsets) * gy[:, :, None, :, None, :]
-        tiles = tiles.reshape(N, Ho * k, Wo * k, C)
-        if tiles.shape == tuple(x_shape):
+        xt = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo, k, C)
+        w = xt == y[:, :, None, :, None, :]
+        if int(xp.count_nonzero(w)) > y.size:
+            _keep_first([w[:, :, o // k, :, o % k] for o in range(k * k)])
+        tiles = (w * gy[:, :, None, :, None, :]).reshape(N, Ho * k, Wo * k, C)
+        if tiles.shape == x.shape:
             return tiles
-        gx = xp.zeros(x_shape, dtype=gy.dtype)
+        gx = xp.zeros(x.shape, dtype=gy.dtype)
         gx[:, :Ho * k, :Wo * k] = tiles
         return gx
-    gx = xp.zeros(x_shape, dtype=gy.dtype)
+    w = [_window(x, o // k, o % k, Ho, Wo, stride) == y for o in range(k * k)]
+    _keep_first(w)
+    gx = xp.zeros(x.shape, dtype=gy.dtype)
     for o in range(k * k):
-        _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * (arg == o)
+        _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * w[o]
     return gx
 
 

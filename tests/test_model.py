@@ -221,3 +221,25 @@ def test_network_float32_default(xp):
     for key, p in net.params().items():
         assert p.grad.shape == p.data.shape, key
         assert p.grad.dtype == np.float32, key
+
+
+@pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5"])
+def test_training_step_keeps_float32_and_row_major_state(xp, name):
+    """A training step (float32 data) creates no float64 array, and every gradient is
+    row-major like its parameter, so the optimiser's in-place updates never mix layouts
+    (whatever layouts the layers chose for activations)."""
+    from sparsenet.train import TrainConfig, make_optimizer
+
+    net = build_model(name, xp=xp)
+    opt = make_optimizer(net, TrainConfig(model=name))
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.random((8,) + net.input_shape, dtype=np.float32))
+    t = xp.asarray(rng.integers(0, 10, 8))
+    loss, z = net.loss_and_backward(x, t)
+    assert loss.dtype == np.float32 and z.dtype == np.float32
+    for key, p in net.params().items():
+        assert p.grad.dtype == np.float32 and p.grad.flags.c_contiguous, key
+    opt.step()
+    for key, p in net.params().items():
+        assert p.data.dtype == np.float32 and p.data.flags.c_contiguous, key
+        assert opt.velocity[key].dtype == np.float32 and opt.velocity[key].flags.c_contiguous, key
