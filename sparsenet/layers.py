@@ -78,9 +78,9 @@ def linear_forward(x, W, b):
 
     Forward:  ``y = x Wᵀ + b``   (with pruning, W stands for W ⊙ M).
 
-    The product is computed as ``(W xᵀ)ᵀ``: the same numbers, but with the batch as the
-    short side of BLAS's output it runs 20–40% faster (OpenBLAS, batch 64, 1 or 2
-    threads). y is then a transposed (column-major) view, which the array ops that
+    The product is computed as ``(W xᵀ)ᵀ``: the same product up to float32 rounding (BLAS
+    sums in another order), but with the batch as the short side of BLAS's output it runs
+    20–40% faster (OpenBLAS, batch 64, 1 or 2 threads). y is then a transposed (column-major) view, which the array ops that
     follow take as it is.
     """
     y = (W @ x.T).T

@@ -75,7 +75,9 @@ def _git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+        # uncommitted changes to code or configs count; results being rewritten do not
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)reproduce/results"], cwd=Path(__file__).parent,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (out.stdout.strip() + ("+uncommitted changes" if dirty else "")) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
