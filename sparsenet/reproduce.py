@@ -233,7 +233,9 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
     work = out / "work"
     t_start = time.time()
     commit = _git_commit()  # the code that runs this call (a resumed run may span several)
-    timing = _read_json(out / "metrics.json") or {}
+    # a resumed run adds to the time and commits of its earlier calls; a fresh run (no
+    # work/, e.g. a clone holding only committed results) starts from nothing
+    timing = (_read_json(out / "metrics.json") if work.is_dir() else None) or {}
     seconds = dict(timing.get("seconds", {}))
 
     def step(key, fn):
