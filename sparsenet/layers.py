@@ -80,8 +80,8 @@ def linear_forward(x, W, b):
 
     The product is computed as ``(W xᵀ)ᵀ``: the same product up to float32 rounding (BLAS
     sums in another order), but with the batch as the short side of BLAS's output it runs
-    20–40% faster (OpenBLAS, batch 64, 1 or 2 threads). y is then a transposed (column-major) view, which the array ops that
-    follow take as it is.
+    20–40% faster (OpenBLAS, batch 64, 1 or 2 threads). y is then a transposed
+    (column-major) view, which the array ops that follow take as it is.
     """
     y = (W @ x.T).T
     y += b

@@ -90,18 +90,19 @@ def _say(progress, msg):
 
 
 def _prune(source, run_dir, schedule, data_dir, device, progress=False):
-    """prune_run that resumes when ``run_dir`` already holds (part of) the run."""
+    """prune_run that resumes when ``run_dir`` already holds (part of) the same run."""
+    _same_run(Path(run_dir) / "schedule.json", schedule.to_dict())
     resume = (Path(run_dir) / "checkpoint.h5").exists()
     return prune_run(source, run_dir, None if resume else schedule, resume=resume, data_dir=data_dir,
                      device=device, progress=progress)
 
 
-def _same_run(stored, wanted, cfg_path):
+def _same_run(stored, wanted):
     """A resumed step must be the run the config asks for: an edited config does not
     silently continue (or reuse) a run made with other settings."""
     have = _read_json(stored)
     if have is not None and have != json.loads(json.dumps(wanted)):
-        raise SparsenetError(f"{stored.parent} was started with other settings than {cfg_path} now gives; "
+        raise SparsenetError(f"{stored.parent} was started with other settings than the config now gives; "
                              f"delete {stored.parent} (or use --out) to run the experiment again")
 
 
@@ -246,8 +247,7 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
 
     dense_dir, pruned_dir = work / "dense", work / "pruned"
     tcfg = TrainConfig.from_dict(cfg["train"])
-    _same_run(dense_dir / "config.json", dataclasses.asdict(tcfg), cfg_path)
-    _same_run(pruned_dir / "schedule.json", Schedule.from_dict(cfg["prune"]).to_dict(), cfg_path)
+    _same_run(dense_dir / "config.json", dataclasses.asdict(tcfg))
     _say(progress, f"{cfg['experiment']}: dense training ({tcfg.epochs} epochs) in {dense_dir}")
     resume = (dense_dir / "checkpoint.h5").exists()
     step("dense", lambda: train(dense_dir, None if resume else tcfg, resume=resume, data_dir=data_dir,
