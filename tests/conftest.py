@@ -12,6 +12,34 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs only with CuPy and a CUDA device")
+    config.addinivalue_line("markers", "mnist: needs the MNIST files (SPARSENET_DATA); skipped without "
+                            "them, an error under CI")
+    # Tests never download: only file:// URLs (the loader tests' local mirrors) may be opened.
+    from sparsenet import data
+
+    real_open = data._open
+
+    def offline_open(url):
+        if not url.startswith("file:"):
+            raise OSError(f"tests never download ({url}); point SPARSENET_DATA at the data")
+        return real_open(url)
+
+    data._open = offline_open
+
+
+def pytest_collection_modifyitems(config, items):
+    from sparsenet.data import DATASETS, _find, resolve_data_dir
+
+    where = resolve_data_dir() / "mnist"
+    if all(_find(name, [where]) for name in DATASETS["mnist"].files):
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(f"CI: MNIST not found at {where.absolute()} (SPARSENET_DATA); "
+                                "its tests would be skipped")
+    skip = pytest.mark.skip(reason=f"MNIST not found at {where} (set SPARSENET_DATA)")
+    for item in items:
+        if "mnist" in item.keywords:
+            item.add_marker(skip)
 
 
 def _cupy_or_skip():

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from sparsenet.data import resolve_data_dir
 
 
 def run(*args, env=None):
@@ -52,7 +51,7 @@ def test_missing_data_says_where_to_put_it(tmp_path):
         assert "SPARSENET_DATA" in r.stderr and str(tmp_path / "empty") in r.stderr
 
 
-@pytest.mark.skipif(not (resolve_data_dir() / "mnist").is_dir(), reason="MNIST not found (set SPARSENET_DATA)")
+@pytest.mark.mnist
 def test_train_then_eval_json(tmp_path):
     out = tmp_path / "run"
     r = run("train", "--model", "lenet-300-100", "--out", str(out), "--epochs", "2", "--train-subset", "4000",

@@ -311,6 +311,7 @@ def test_to_float():
 # --- real data, when present --------------------------------------------------------------
 
 
+@pytest.mark.mnist
 def test_real_mnist():
     if not (resolve_data_dir() / "mnist").is_dir():
         pytest.skip(f"no MNIST at {resolve_data_dir() / 'mnist'} (set SPARSENET_DATA)")

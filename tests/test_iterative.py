@@ -80,6 +80,7 @@ def _records(run, event):
     return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if json.loads(l)["event"] == event]
 
 
+@pytest.mark.mnist
 def test_prune_run_end_to_end(dense, straight):
     log, ckpt = straight
     run = ckpt.parent
@@ -102,6 +103,7 @@ def test_prune_run_end_to_end(dense, straight):
         prune_run(dense, run, Schedule.from_dict(SMALL), progress=False)
 
 
+@pytest.mark.mnist
 def test_frozen_layer_is_unchanged_by_its_round(dense, tmp_path):
     sched = Schedule.from_dict({"retrain": {"epochs": 1}, "rounds": [
         {"criterion": "percentile", "amount": 0.5, "freeze": ["fc1", "fc3"], "remove_neurons": False}]})
@@ -125,6 +127,7 @@ def straight(dense, tmp_path_factory):
     return prune_run(dense, run, Schedule.from_dict(SMALL), progress=False), run / "checkpoint.h5"
 
 
+@pytest.mark.mnist
 @pytest.mark.parametrize("kill_at", [1, 3, 5])  # round 1 right after its prune, round 2 (frozen fc1), round 3
 def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, monkeypatch, kill_at):
     real, calls = iterative.train_epoch, []
@@ -149,11 +152,13 @@ def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, monkeyp
         assert numpy.array_equal(a.velocity[n], b.velocity[n]), n
 
 
+@pytest.mark.mnist
 def test_resume_needs_a_pruning_run(dense, tmp_path):
     with pytest.raises(SparsenetError, match="no such checkpoint"):
         prune_run(None, tmp_path / "nothing", resume=True, progress=False)
 
 
+@pytest.mark.mnist
 def test_bad_layer_names_fail_before_any_work(dense, tmp_path):
     sched = Schedule.from_dict({"rounds": [{"criterion": "percentile", "amount": 0.5},
                                            {"criterion": "quality", "amount": {"conv1": 1.0}}]})
@@ -163,6 +168,7 @@ def test_bad_layer_names_fail_before_any_work(dense, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
+@pytest.mark.mnist
 def test_cli_prune_and_resume(dense, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["prune", str(dense), "--out", str(out), "--criterion", "percentile", "--amount", "fc1=0.9,default=0.5",
@@ -182,6 +188,7 @@ def test_cli_prune_and_resume(dense, tmp_path, capsys):
     (["--schedule", "{not json"], "not valid JSON"),
     (["--amount", "fc7=0.5"], "no prunable layer named fc7"),
 ])
+@pytest.mark.mnist
 def test_cli_prune_errors_are_one_line(dense, tmp_path, capsys, extra, message):
     assert cli.main(["prune", str(dense), "--out", str(tmp_path / "r"), "--no-progress", *extra]) == 2
     err = capsys.readouterr().err

@@ -13,14 +13,12 @@ from sparsenet import report as R
 from sparsenet.backend import asnumpy
 from sparsenet.checkpoint import save_checkpoint
 from sparsenet.cli import main
-from sparsenet.data import resolve_data_dir
 from sparsenet.model import build_model, build_network
 from sparsenet.pruning import percentile_mask, prune, remove_dead_neurons
 from sparsenet.train import load_split
 from sparsenet.util import SparsenetError
 
-HAVE_MNIST = (resolve_data_dir() / "mnist").is_dir()
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="MNIST not found (set SPARSENET_DATA)")
+needs_mnist = pytest.mark.mnist
 
 
 def make_net(xp, input_shape, layers, values):

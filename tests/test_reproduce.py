@@ -1,13 +1,19 @@
 """The reduced reproductions (reproduce/*-ci.json) end to end, with their stated bounds."""
 import json
 
+import numpy
 import pytest
 
 from sparsenet import cli
+from sparsenet.checkpoint import load_checkpoint
+from sparsenet.model import build_model
 from sparsenet.reproduce import REPRO_DIR, find_config, load_config, reproduce
+from sparsenet.sparse import export_model, load_model
+from sparsenet.train import load_split
 from sparsenet.util import SparsenetError
 
 
+@pytest.mark.mnist
 @pytest.mark.parametrize("name", ["lenet-300-100-ci", "lenet-5-ci"])
 def test_reduced_reproduction_meets_its_bounds(name, tmp_path):
     cfg, _ = load_config(name)
@@ -29,6 +35,15 @@ def test_reduced_reproduction_meets_its_bounds(name, tmp_path):
     assert m["pruned"]["weights_left"] == pytest.approx(last, abs=1e-6)
     for fig in m["figures"].values():
         assert (tmp_path / fig).stat().st_size > 1000
+    # the pruned net as a model file (#6): on disk too it is at least min_compression times
+    # smaller than the unpruned dense file, with the same predictions on the MNIST test set
+    net = load_checkpoint(tmp_path / "work" / "pruned" / "checkpoint.h5").net
+    export_model(net, tmp_path / "pruned.h5", "relative")
+    export_model(build_model(cfg["train"]["model"]), tmp_path / "dense.h5", "dense")
+    ratio = (tmp_path / "dense.h5").stat().st_size / (tmp_path / "pruned.h5").stat().st_size
+    assert ratio >= bounds["min_compression"], ratio
+    x, _ = load_split("mnist", net.input_shape, numpy, split="test")["test"]
+    assert numpy.array_equal(load_model(tmp_path / "pruned.h5").predict(x), net.predict(x))
     # a second call finds every step done and reproduces the same numbers
     again = reproduce(name, tmp_path, progress=False)
     assert again["pruned"] == m["pruned"] and again["dense"] == m["dense"]

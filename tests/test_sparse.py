@@ -296,6 +296,37 @@ def test_truncated_and_foreign_files_are_rejected(files, tmp_path, encoding):
         load_model(tmp_path / "missing.h5")
 
 
+DAMAGED = [("dense", "params/fc1.W"), ("dense", "params/fc2.b"), ("csr", "params/fc1.W/data"),
+           ("csr", "params/fc1.W/indices"), ("relative", "values"), ("relative", "codes")]
+
+
+@pytest.mark.parametrize("encoding, key", DAMAGED, ids=[f"{e}-{k}" for e, k in DAMAGED])
+def test_a_damaged_byte_is_an_error_not_a_different_weight(files, tmp_path, encoding, key):
+    """Every dataset is checksummed (Fletcher-32): one flipped byte in its stored bytes,
+    compressed or not, is rejected. Without the checksum a byte of a dense weight would
+    load as a different, still finite, number."""
+    data = bytearray(files[1][encoding].read_bytes())
+    with h5py.File(files[1][encoding], "r") as f:
+        d = f[key]
+        assert d.fletcher32 and d.chunks == d.shape
+        assert (d.compression, d.shuffle) == (("gzip", True) if encoding != "dense" else (None, False))
+        chunk = d.id.get_chunk_info(0)
+    data[chunk.byte_offset + chunk.size // 2] ^= 0x10
+    (tmp_path / "bad.h5").write_bytes(bytes(data))
+    with pytest.raises(SparsenetError, match="bad.h5"):
+        load_model(tmp_path / "bad.h5")
+
+
+def test_compression_is_lossless_and_pays(files):
+    """The sparse streams are deflated: smaller than their raw payload, and bit-exact
+    (``test_every_encoding_loads_the_exact_weights``)."""
+    net, paths = files
+    payload = storage_report(net)["total"]
+    size = export_sizes(net)
+    assert size["relative"] < payload["relative_bytes"] and size["csr"] < payload["csr_bytes"]
+    assert size["dense"] > payload["dense_bytes"]  # dense stays raw: payload + headers
+
+
 # ----------------------------------------------------------------------------- inference
 @pytest.mark.parametrize("model", ["lenet-300-100", "lenet-5"])
 def test_sparse_inference_matches_dense(xp, model):
@@ -323,6 +354,7 @@ def test_plan_follows_density_and_batch_size():
     assert prefer_sparse(0.04, 64, 400_000) and not prefer_sparse(0.04, 1, 30_000)
 
 
+@pytest.mark.mnist
 def test_mnist_predictions_identical_across_formats_and_engines(files):
     """End to end on the real MNIST test set: every file format, dense and sparse engines."""
     net, paths = files
@@ -337,6 +369,7 @@ def test_mnist_predictions_identical_across_formats_and_engines(files):
 
 
 # ----------------------------------------------------------------------------- command line
+@pytest.mark.mnist
 def test_cli_export_report_predict(files, tmp_path, capsys):
     net, paths = files
     ck = tmp_path / "ck.h5"

@@ -5,12 +5,10 @@ import numpy as np
 import pytest
 
 from sparsenet.checkpoint import load_checkpoint
-from sparsenet.data import resolve_data_dir
 from sparsenet.train import TrainConfig, evaluate, train
 from sparsenet.util import SparsenetError
 
-needs_mnist = pytest.mark.skipif(not (resolve_data_dir() / "mnist").is_dir(),
-                                 reason="MNIST not found (set SPARSENET_DATA)")
+needs_mnist = pytest.mark.mnist
 
 
 @needs_mnist
