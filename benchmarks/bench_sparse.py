@@ -148,8 +148,9 @@ def main(argv=None):
                   f"  ratio {r['ratio']:5.2f}" + (f"  auto {r['auto_ratio']:5.2f} (sparse: {r['plan']})"
                                                   if "plan" in r else ""), flush=True)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from sparsenet.util import write_text_atomic
+
+        write_text_atomic(a.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 

@@ -467,15 +467,18 @@ def prefer_sparse(density, rows, n_weights, xp=numpy):
     ``density``: W₂'s non-zero fraction; ``rows``: rows of X (the batch size for a
     Linear, N·Ho·Wo for a Conv2d); ``n_weights``: W₂'s size.
 
-    CPU (``benchmarks/bench_sparse.py --sweep``, 2-core EPYC): scipy's CSR kernels cost
-    about 1 ns per stored weight and row of X, plus a few µs per call; a dense GEMV
-    about 0.1 ns per weight while W₂ stays in cache and ~0.3 ns once it streams from
-    memory; a dense GEMM (several rows) much less per weight and row. Hence:
+    CPU (``benchmarks/bench_sparse.py --sweep``, 2-core EPYC, OpenBLAS with its default
+    two threads, scipy on one): scipy's CSR kernels cost about 0.5–1 ns per stored
+    weight and row of X, plus a few µs per call; a dense GEMV about 0.05–0.1 ns per
+    weight while W₂ stays in cache, more once it streams from memory; a dense GEMM
+    (several rows) much less per weight and row. Hence:
 
-    * one row: sparse at density ≤ 20% for ≥ 4M weights (W₂ streams from memory),
-      ≤ 5% for ≥ 100K weights, and never for smaller layers (call overhead);
-    * several rows: sparse at density ≤ 5% when rows × weights ≥ 1M (a one-thread
-      sweep crosses over near 10%; BLAS runs a GEMM on all cores, scipy on one).
+    * one row: sparse at density ≤ 10% for ≥ 4M weights (W₂ streams from memory: 1.3×
+      at 10%, 0.7× at 20%), ≤ 3% for ≥ 100K weights (a 1024×1024 layer gains 1.9× at
+      2% and loses at 5%), and never for smaller layers (call overhead);
+    * 2–64 rows: sparse at density ≤ 5% when rows × weights ≥ 1M (1.3–3.2× at 5%,
+      about even at 10%);
+    * more rows: BLAS's GEMM is at its best; sparse at ≤ 2% when rows × weights ≥ 1M.
 
     GPU (``cupyx.scipy.sparse``): not measured (no GPU on the development machine); a
     conservative guess, sparse only for one row, ≥ 1M weights and density ≤ 10%.
@@ -483,8 +486,8 @@ def prefer_sparse(density, rows, n_weights, xp=numpy):
     if xp is not numpy:
         return rows == 1 and n_weights >= 1_000_000 and density <= 0.10
     if rows == 1:
-        return n_weights >= 100_000 and density <= (0.20 if n_weights >= 4_000_000 else 0.05)
-    return density <= 0.05 and rows * n_weights >= 1_000_000
+        return n_weights >= 100_000 and density <= (0.10 if n_weights >= 4_000_000 else 0.03)
+    return density <= (0.05 if rows <= 64 else 0.02) and rows * n_weights >= 1_000_000
 
 
 def layer_operand(layer, x):

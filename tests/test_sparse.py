@@ -352,6 +352,8 @@ def test_plan_follows_density_and_batch_size():
     assert plan(64) == {"fc6": "dense", "fc7": "dense"}  # 8% is too dense for a GEMM
     assert set(SparseNetwork(big, "sparse").plan(64).values()) == {"sparse"}
     assert prefer_sparse(0.04, 64, 400_000) and not prefer_sparse(0.04, 1, 30_000)
+    assert prefer_sparse(0.02, 512, 235_200) and not prefer_sparse(0.05, 512, 235_200)
+    assert prefer_sparse(0.09, 1, 4096 * 9216) and not prefer_sparse(0.05, 1, 1024 * 1024)
 
 
 @pytest.mark.mnist
