@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--breakdown", action="store_true",
                     help="instead: ms per step, whole and without the optimiser update, and %% of peak")
     a = ap.parse_args(argv)
+    if a.epochs_of <= 64:
+        ap.error("--epochs-of must be more than one batch (64 images)")
     xp = array_module(a.device)
     reuse_heap_memory()
     x, t, src = load_images(a.epochs_of)
@@ -188,11 +190,11 @@ def main(argv=None):
         for name in ("lenet-300-100", "lenet-5"):
             ms = breakdown(name, x, t, xp)
             flops = train_flops(build_model(name, 0, xp), 64)
-            parts = "; ".join(f"{k} {v:.3f} ms = {100 * flops / (v / 1e3) / 1e9 / peak:.1f}% of peak"
-                              for k, v in ms.items())
+            pct = {k: 100 * flops / (v / 1e3) / 1e9 / peak for k, v in ms.items()}
+            out["nets"][name] = {"ms_per_step": ms, "percent_of_peak": pct}
+            parts = "; ".join(f"{k} {v:.3f} ms = {pct[k]:.1f}% of peak" for k, v in ms.items())
             print(f"{name:14s} per step: {parts}; update {ms['step'] - ms['forward+backward']:.3f} ms", flush=True)
-        return 0
-    for name in ("lenet-300-100", "lenet-5"):
+    for name in ("lenet-300-100", "lenet-5") if not a.breakdown else ():
         sec, flops = bench_sparsenet(name, x, t, xp)
         rate = flops / sec / 1e9
         row = {"seconds": round(sec, 3), "gflops": round(rate, 2), "fraction_of_peak": round(rate / peak, 3),

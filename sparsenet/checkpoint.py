@@ -2,7 +2,8 @@
 
 Layout (readable with h5py alone; no pickle anywhere)::
 
-    /                      attrs: format="sparsenet-checkpoint", version=1,
+    /                      attrs (text as fixed-length ASCII bytes; str also read):
+                                  format="sparsenet-checkpoint", version=1,
                                   network (JSON: Network.spec()), config (JSON),
                                   epoch (int), optimizer (JSON: SGD.state_dict()),
                                   rng (JSON: NumPy bit-generator state, or "null")
@@ -10,10 +11,13 @@ Layout (readable with h5py alone; no pickle anywhere)::
     /masks/<layer.param>   uint8, 1 = kept, 0 = pruned
     /velocity/<layer.param> float32 momentum (optional: absent for a bare model)
 
-Files are written to a temporary name and renamed into place, so a killed run leaves
-either the previous checkpoint or the new one. Loading validates everything it reads
-and raises :class:`SparsenetError` naming the file and the problem.
+Files use the HDF5 1.10 object format, whose metadata carries checksums, and every
+non-empty dataset is one HDF5 chunk with a Fletcher-32 checksum (:func:`write_dataset`),
+so a damaged byte is an error on reading, never a silently different weight or a hang. Files are written to a temporary name and renamed into place, so a
+killed run leaves either the previous checkpoint or the new one. Loading validates
+everything it reads and raises :class:`SparsenetError` naming the file and the problem.
 """
+import contextlib
 import json
 from pathlib import Path
 
@@ -27,22 +31,42 @@ from .util import SparsenetError, atomic_path
 FORMAT, VERSION = "sparsenet-checkpoint", 1
 
 
+# HDF5 filters, built into every HDF5 (h5py alone reads the files): a checksum always;
+# byte shuffle + deflate (lossless) where ``compress`` asks for it (the sparse streams of
+# model files; dense arrays stay raw).
+_CHECKSUM = {"fletcher32": True}
+_PACKED = {"fletcher32": True, "shuffle": True, "compression": "gzip", "compression_opts": 9}
+
+
+def write_dataset(g, key, a, compress=False):
+    """``g[key] = a`` as one chunk with the filters above. Scalars and empty arrays, which
+    HDF5 cannot chunk, are written plain. One chunk: h5py's default chunking would add
+    an index of many small chunks (~11 KB on a LeNet-300-100 dense model file)."""
+    opts = {**(_PACKED if compress else _CHECKSUM), "chunks": a.shape} if a.ndim and a.size else {}
+    return g.create_dataset(key, data=a, track_times=False, **opts)
+
+
 def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None):
     """Write ``net`` (and optionally optimiser/RNG state) to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
+        # HDF5 1.10 object format: its object headers carry checksums, so a damaged header
+        # is an error on opening (with the 1.8 format one flipped byte made h5py hang)
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            # text as fixed-length (ASCII) bytes, kept in the checksummed object header: a
+            # variable-length string lives in HDF5's global heap, which has no checksum,
+            # and a damaged heap entry made h5py hang
+            f.attrs["format"] = numpy.bytes_(FORMAT)
             f.attrs["version"] = VERSION
-            f.attrs["network"] = json.dumps(net.spec())
-            f.attrs["config"] = json.dumps(config or {})
+            f.attrs["network"] = numpy.bytes_(json.dumps(net.spec()))
+            f.attrs["config"] = numpy.bytes_(json.dumps(config or {}))
             f.attrs["epoch"] = int(epoch)
-            f.attrs["optimizer"] = json.dumps(optimizer.state_dict() if optimizer else None)
-            f.attrs["rng"] = json.dumps(rng.bit_generator.state if rng is not None else None)
+            f.attrs["optimizer"] = numpy.bytes_(json.dumps(optimizer.state_dict() if optimizer else None))
+            f.attrs["rng"] = numpy.bytes_(json.dumps(rng.bit_generator.state if rng is not None else None))
             for name, p in net.params().items():
-                f.create_dataset(f"params/{name}", data=asnumpy(p.data))
-                f.create_dataset(f"masks/{name}", data=asnumpy(p.mask).astype(numpy.uint8))
+                write_dataset(f, f"params/{name}", asnumpy(p.data))
+                write_dataset(f, f"masks/{name}", asnumpy(p.mask).astype(numpy.uint8))
                 if optimizer is not None:
-                    f.create_dataset(f"velocity/{name}", data=asnumpy(optimizer.velocity[name]))
+                    write_dataset(f, f"velocity/{name}", asnumpy(optimizer.velocity[name]))
 
 
 class Checkpoint:
@@ -74,15 +98,23 @@ def _read(f, key, shape, path):
     return a
 
 
+@contextlib.contextmanager
 def open_hdf5(path, what="checkpoint"):
-    """``h5py.File(path, "r")``, or :class:`SparsenetError` saying the ``what`` file is
-    missing or not readable HDF5 (truncated, or not HDF5 at all)."""
+    """``with open_hdf5(path) as f``: ``h5py.File(path, "r")``, with h5py's errors as
+    :class:`SparsenetError`: the ``what`` file is missing or not readable HDF5 (truncated,
+    or not HDF5 at all), or h5py fails inside the block (a damaged header, a checksum
+    that does not match: h5py raises KeyError, OSError or RuntimeError)."""
     if not Path(path).is_file():
         raise SparsenetError(f"{path}: no such {what} file")
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except OSError as e:
         raise SparsenetError(f"{path}: not a readable HDF5 file ({e})") from None
+    try:
+        with f:
+            yield f
+    except (KeyError, OSError, RuntimeError) as e:
+        raise SparsenetError(f"{path}: damaged {what} file ({type(e).__name__}: {e})") from None
 
 
 def load_checkpoint(path, xp=numpy):
@@ -95,7 +127,8 @@ def load_checkpoint(path, xp=numpy):
     """
     path = Path(path)
     with open_hdf5(path, "checkpoint") as f:
-        if f.attrs.get("format") != FORMAT:
+        fmt = f.attrs.get("format")
+        if (fmt.decode("ascii", "replace") if isinstance(fmt, bytes) else fmt) != FORMAT:
             raise SparsenetError(f"{path}: not a sparsenet checkpoint (format tag missing)")
         if int(f.attrs.get("version", -1)) != VERSION:
             raise SparsenetError(f"{path}: checkpoint version {f.attrs.get('version')} is not supported (expected {VERSION})")

@@ -10,6 +10,9 @@ Each file of dataset ``<name>`` is looked for in ``<data_dir>/<name>/`` and then
 spec's extra directories (e.g. ``/usr/share/datasets/fashion-mnist`` from Debian's
 ``dataset-fashion-mnist``), as ``<file>.gz`` or uncompressed ``<file>``. Missing files are
 downloaded, if allowed, into ``<data_dir>/<name>/`` from the spec's mirrors in turn.
+With the environment variable ``SPARSENET_OFFLINE`` set (to anything but "", "0" or
+"false") nothing goes to the network: only ``file://`` mirrors are read. The test suite
+sets it, so neither the tests nor the commands they start can download.
 
 Checksum policy: every checksum is the SHA-256 of the *uncompressed* IDX bytes, so a
 re-compressed copy (Debian's, or one you gunzipped yourself) still verifies. A download
@@ -175,7 +178,14 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
 
 
+def offline():
+    """Whether ``SPARSENET_OFFLINE`` forbids network downloads (module docstring)."""
+    return os.environ.get("SPARSENET_OFFLINE", "").strip().lower() not in ("", "0", "false")
+
+
 def _open(url):
+    if offline() and not url.startswith("file:"):
+        raise OSError("downloads are disabled (SPARSENET_OFFLINE is set)")
     return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
 
 

@@ -35,9 +35,10 @@ Model file (HDF5, no pickle)
 (Two streams rather than a group of two datasets per weight: HDF5 headers cost ~270
 bytes a dataset, and the per-weight layout made LeNet-300-100's file 2.2 KB, 2%, larger.)
 
-Filters: every non-empty dataset has a Fletcher-32 checksum; the sparse streams (``values``,
-``codes``, CSR ``data``/``indices``/``indptr``) are also stored with HDF5's byte shuffle
-and deflate (lossless; h5py decodes them transparently). Dense arrays are not compressed.
+Filters (:func:`sparsenet.checkpoint.write_dataset`): every non-empty dataset is one chunk
+with a Fletcher-32 checksum; the sparse streams (``values``, ``codes``, CSR
+``data``/``indices``/``indptr``) are also stored with HDF5's byte shuffle and deflate
+(lossless; h5py decodes them transparently). Dense arrays are not compressed.
 
 The relative stream runs over the *flattened* matrix, as in the paper (no indptr; a
 position ``p`` is row ``p // cols``, column ``p % cols``). With ``F = 2**bits − 1``::
@@ -77,7 +78,7 @@ import numpy
 from . import layers as L
 from .backend import asnumpy, get_array_module, sparse_module, to_device
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import load_checkpoint, open_hdf5
+from .checkpoint import load_checkpoint, open_hdf5, write_dataset
 from .model import build_network
 from .util import SparsenetError, atomic_path
 
@@ -267,42 +268,25 @@ def export_model(net, path, encoding="relative"):
         for name, kind, p in _weights(net):
             W = asnumpy(p.data).astype(numpy.float32)
             if encoding == "dense" or not p.prunable:
-                _put(params, name, W)
+                write_dataset(params, name, W)
             elif encoding == "csr":
                 g = params.create_group(name)
                 g.attrs["shape"] = as_matrix(W).shape
                 g.attrs["tensor_shape"] = W.shape
                 for key, a in zip(("data", "indices", "indptr"), csr_from_dense(as_matrix(W)), strict=True):
-                    _put(g, key, a, packed=True)
+                    write_dataset(g, key, a, compress=True)
             else:
                 streams.append((BITS[kind], *relative_encode(as_matrix(W), BITS[kind])))
         if encoding == "relative":
-            _put(f, "values", numpy.concatenate([v for *_, v in streams] + [_EMPTY]), packed=True)
-            d = _put(f, "codes", numpy.concatenate([pack_bits(c, b) for b, c, _ in streams]
-                                                   + [_EMPTY.view(numpy.uint8)]), packed=True)
+            write_dataset(f, "values", numpy.concatenate([v for *_, v in streams] + [_EMPTY]), compress=True)
+            d = write_dataset(f, "codes", numpy.concatenate([pack_bits(c, b) for b, c, _ in streams]
+                                                            + [_EMPTY.view(numpy.uint8)]), compress=True)
             for key, column in (("bits", [b for b, _, _ in streams]), ("n_codes", [len(c) for _, c, _ in streams]),
                                 ("n_values", [len(v) for *_, v in streams])):
                 d.attrs[key] = numpy.array(column, dtype=numpy.int64)
 
 
 _EMPTY = numpy.zeros(0, dtype=numpy.float32)
-
-# HDF5 filters (built into every HDF5, so h5py alone reads the files). Every non-empty
-# dataset carries a Fletcher-32 checksum: a damaged byte is an error on reading, never a
-# silently different weight. The sparse streams are also compressed losslessly (byte
-# shuffle, then deflate): float32 values share their sign/exponent bytes, and relative
-# codes and CSR indices are small numbers. Dense arrays stay uncompressed: the dense file
-# is the plain layout that the sparse ones are measured against.
-_CHECKSUM = {"fletcher32": True}
-_PACKED = {"fletcher32": True, "shuffle": True, "compression": "gzip", "compression_opts": 9}
-
-
-def _put(g, key, a, packed=False):
-    """``g[key] = a`` with the filters above, as one chunk (none for an empty array, which
-    HDF5 cannot chunk). One chunk: h5py's default chunking would add an index of many
-    small chunks, ~11 KB on a LeNet-300-100 dense file."""
-    opts = {**(_PACKED if packed else _CHECKSUM), "chunks": a.shape} if a.size else {}
-    return g.create_dataset(key, data=a, track_times=False, **opts)
 
 
 def _text_attr(f, key):

@@ -103,3 +103,20 @@ def test_not_hdf5_and_missing(tmp_path):
     trunc.write_bytes(trunc.read_bytes()[:2000])
     with pytest.raises(SparsenetError, match="trunc.h5"):
         load_checkpoint(trunc)
+
+
+def test_text_attributes_are_fixed_length_and_older_str_ones_still_load(tmp_path):
+    """Text lives in the checksummed object header (fixed-length bytes); checkpoints
+    written with variable-length str attributes, as before, load the same."""
+    net, opt, rng = _trained_state()
+    path = tmp_path / "ck.h5"
+    save_checkpoint(path, net, opt, rng, epoch=3, config={"model": "lenet-300-100"})
+    with h5py.File(path, "r+") as f:
+        assert all(isinstance(f.attrs[k], bytes) for k in ("format", "network", "config", "optimizer", "rng"))
+        assert f["params/fc1.W"].fletcher32
+        for k in ("format", "network", "config", "optimizer", "rng"):
+            f.attrs[k] = f.attrs[k].decode()
+        assert isinstance(f.attrs["network"], str)
+    ck = load_checkpoint(path)
+    assert ck.epoch == 3 and ck.config == {"model": "lenet-300-100"} and ck.rng_state == rng.bit_generator.state
+    assert all(np.array_equal(p.data, ck.net.params()[n].data) for n, p in net.params().items())

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 
-
 def run(*args, env=None):
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "sparsenet", *args], capture_output=True, text=True, env=e,
@@ -44,11 +43,10 @@ def test_errors_are_one_line(args, needle, tmp_path):
 
 def test_missing_data_says_where_to_put_it(tmp_path):
     r = run("train", "--out", str(tmp_path / "run"), "--epochs", "1", "--data-dir", str(tmp_path / "empty"),
-            env={"SPARSENET_OFFLINE_TEST": "1"})
-    # Either offline (the download fails) or online: both must not crash with a traceback.
-    assert "Traceback" not in r.stderr
-    if r.returncode != 0:
-        assert "SPARSENET_DATA" in r.stderr and str(tmp_path / "empty") in r.stderr
+            env={"SPARSENET_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "SPARSENET_DATA" in r.stderr and str(tmp_path / "empty") in r.stderr
+    assert "downloads are disabled" in r.stderr
 
 
 @pytest.mark.mnist

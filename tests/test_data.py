@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from sparsenet import data
-from sparsenet.data import DataError, DatasetSpec, load_dataset, read_idx, resolve_data_dir, to_float
+from sparsenet.data import (
+    DataError,
+    DatasetSpec,
+    load_dataset,
+    read_idx,
+    resolve_data_dir,
+    to_float,
+)
 
 NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -313,8 +320,6 @@ def test_to_float():
 
 @pytest.mark.mnist
 def test_real_mnist():
-    if not (resolve_data_dir() / "mnist").is_dir():
-        pytest.skip(f"no MNIST at {resolve_data_dir() / 'mnist'} (set SPARSENET_DATA)")
     ds = load_dataset("mnist", download=False, verify=True)
     assert ds.x_train.shape == (60000, 28, 28) and ds.x_test.shape == (10000, 28, 28)
     assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int64

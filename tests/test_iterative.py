@@ -152,8 +152,7 @@ def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, monkeyp
         assert numpy.array_equal(a.velocity[n], b.velocity[n]), n
 
 
-@pytest.mark.mnist
-def test_resume_needs_a_pruning_run(dense, tmp_path):
+def test_resume_needs_a_pruning_run(tmp_path):
     with pytest.raises(SparsenetError, match="no such checkpoint"):
         prune_run(None, tmp_path / "nothing", resume=True, progress=False)
 

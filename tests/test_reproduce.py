@@ -35,13 +35,14 @@ def test_reduced_reproduction_meets_its_bounds(name, tmp_path):
     assert m["pruned"]["weights_left"] == pytest.approx(last, abs=1e-6)
     for fig in m["figures"].values():
         assert (tmp_path / fig).stat().st_size > 1000
-    # the pruned net as a model file (#6): on disk too it is at least min_compression times
-    # smaller than the unpruned dense file, with the same predictions on the MNIST test set
+    # the pruned net as a model file: on disk it is >= 10x smaller than the unpruned
+    # dense file (the sparse-storage target; not min_compression, which counts
+    # parameters), with the same predictions on the MNIST test set
     net = load_checkpoint(tmp_path / "work" / "pruned" / "checkpoint.h5").net
     export_model(net, tmp_path / "pruned.h5", "relative")
     export_model(build_model(cfg["train"]["model"]), tmp_path / "dense.h5", "dense")
     ratio = (tmp_path / "dense.h5").stat().st_size / (tmp_path / "pruned.h5").stat().st_size
-    assert ratio >= bounds["min_compression"], ratio
+    assert ratio >= 10.0, ratio
     x, _ = load_split("mnist", net.input_shape, numpy, split="test")["test"]
     assert numpy.array_equal(load_model(tmp_path / "pruned.h5").predict(x), net.predict(x))
     # a second call finds every step done and reproduces the same numbers

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sparsenet import cli
 from sparsenet.backend import asnumpy
+from sparsenet.checkpoint import save_checkpoint
 from sparsenet.model import build_model, build_network
 from sparsenet.sparse import (
     ENCODINGS,
@@ -317,10 +318,47 @@ def test_a_damaged_byte_is_an_error_not_a_different_weight(files, tmp_path, enco
         load_model(tmp_path / "bad.h5")
 
 
+@pytest.mark.parametrize("encoding", ENCODINGS + ("checkpoint",))
+def test_damaged_headers_never_give_a_traceback_or_other_weights(files, tmp_path, encoding):
+    """A flipped byte anywhere in the first 4 KB (superblock, object headers, B-trees):
+    the load fails with the one-line error, or gives back exactly the saved weights."""
+    net = files[0]
+    path = tmp_path / "good.h5"
+    if encoding == "checkpoint":
+        save_checkpoint(path, net)
+    else:
+        export_model(net, path, encoding)
+    data, bad = path.read_bytes(), tmp_path / "bad.h5"
+    for offset in range(0, 4096, 7):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x10
+        bad.write_bytes(bytes(damaged))
+        try:
+            back = load_model(bad)
+        except SparsenetError as e:
+            assert "bad.h5" in str(e)
+            continue
+        for name, p in net.params().items():
+            assert_bitwise(p.data, back.params()[name].data)
+
+
+def test_files_without_filters_still_load(files, tmp_path, monkeypatch):
+    """Files written before the checksum/deflate filters (plain datasets) load as before."""
+    monkeypatch.setattr("sparsenet.sparse.write_dataset", lambda g, key, a, compress=False: g.create_dataset(key, data=a))
+    net = files[0]
+    for encoding in ENCODINGS:
+        export_model(net, tmp_path / f"{encoding}.h5", encoding)
+        with h5py.File(tmp_path / f"{encoding}.h5", "r") as f:
+            assert f["params/fc1.b"].chunks is None  # really written plain
+        back = load_model(tmp_path / f"{encoding}.h5")
+        for name, p in net.params().items():
+            assert_bitwise(p.data, back.params()[name].data)
+
+
 def test_compression_is_lossless_and_pays(files):
     """The sparse streams are deflated: smaller than their raw payload, and bit-exact
     (``test_every_encoding_loads_the_exact_weights``)."""
-    net, paths = files
+    net = files[0]
     payload = storage_report(net)["total"]
     size = export_sizes(net)
     assert size["relative"] < payload["relative_bytes"] and size["csr"] < payload["csr_bytes"]
@@ -354,6 +392,7 @@ def test_plan_follows_density_and_batch_size():
     assert prefer_sparse(0.04, 64, 400_000) and not prefer_sparse(0.04, 1, 30_000)
     assert prefer_sparse(0.02, 512, 235_200) and not prefer_sparse(0.05, 512, 235_200)
     assert prefer_sparse(0.09, 1, 4096 * 9216) and not prefer_sparse(0.05, 1, 1024 * 1024)
+    assert prefer_sparse(0.04, 64, 400_000) and not prefer_sparse(0.04, 65, 400_000)
 
 
 @pytest.mark.mnist
