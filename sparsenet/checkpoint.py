@@ -13,9 +13,10 @@ Layout (readable with h5py alone; no pickle anywhere)::
 
 Files use the HDF5 1.10 object format, whose metadata carries checksums, and every
 non-empty dataset is one HDF5 chunk with a Fletcher-32 checksum (:func:`write_dataset`),
-so a damaged byte is an error on reading, never a silently different weight or a hang. Files are written to a temporary name and renamed into place, so a
-killed run leaves either the previous checkpoint or the new one. Loading validates
-everything it reads and raises :class:`SparsenetError` naming the file and the problem.
+so a damaged byte is an error on reading, never a silently different weight or a hang.
+Files are written to a temporary name and renamed into place, so a killed run leaves
+either the previous checkpoint or the new one. Loading validates everything it reads
+and raises :class:`SparsenetError` naming the file and the problem.
 """
 import contextlib
 import json
@@ -98,6 +99,15 @@ def _read(f, key, shape, path):
     return a
 
 
+def text_attr(f, key):
+    """A text attribute (fixed-length bytes, or str as older files have it); None if
+    absent or not text."""
+    v = f.attrs.get(key)
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    return v if isinstance(v, str) else None
+
+
 @contextlib.contextmanager
 def open_hdf5(path, what="checkpoint"):
     """``with open_hdf5(path) as f``: ``h5py.File(path, "r")``, with h5py's errors as
@@ -127,8 +137,7 @@ def load_checkpoint(path, xp=numpy):
     """
     path = Path(path)
     with open_hdf5(path, "checkpoint") as f:
-        fmt = f.attrs.get("format")
-        if (fmt.decode("ascii", "replace") if isinstance(fmt, bytes) else fmt) != FORMAT:
+        if text_attr(f, "format") != FORMAT:
             raise SparsenetError(f"{path}: not a sparsenet checkpoint (format tag missing)")
         if int(f.attrs.get("version", -1)) != VERSION:
             raise SparsenetError(f"{path}: checkpoint version {f.attrs.get('version')} is not supported (expected {VERSION})")

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy
 
-from .util import SparsenetError, atomic_path
+from .util import SparsenetError, atomic_path, env_flag
 
 DOWNLOAD_TIMEOUT = 30  # seconds, per network operation
 _CHUNK = 1 << 16
@@ -178,13 +178,8 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
 
 
-def offline():
-    """Whether ``SPARSENET_OFFLINE`` forbids network downloads (module docstring)."""
-    return os.environ.get("SPARSENET_OFFLINE", "").strip().lower() not in ("", "0", "false")
-
-
 def _open(url):
-    if offline() and not url.startswith("file:"):
+    if env_flag("SPARSENET_OFFLINE") and not url.startswith("file:"):
         raise OSError("downloads are disabled (SPARSENET_OFFLINE is set)")
     return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
 

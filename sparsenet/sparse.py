@@ -78,7 +78,7 @@ import numpy
 from . import layers as L
 from .backend import asnumpy, get_array_module, sparse_module, to_device
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import load_checkpoint, open_hdf5, write_dataset
+from .checkpoint import load_checkpoint, open_hdf5, text_attr, write_dataset
 from .model import build_network
 from .util import SparsenetError, atomic_path
 
@@ -289,14 +289,6 @@ def export_model(net, path, encoding="relative"):
 _EMPTY = numpy.zeros(0, dtype=numpy.float32)
 
 
-def _text_attr(f, key):
-    """A text attribute (stored as fixed-length bytes, or as str); None if absent or not text."""
-    v = f.attrs.get(key)
-    if isinstance(v, bytes):
-        v = v.decode("utf-8", "replace")
-    return v if isinstance(v, str) else None
-
-
 def _member(g, key, cls):
     """``g[key]`` if it exists and is a ``cls`` (h5py.Dataset or h5py.Group)."""
     obj = g.get(key)
@@ -379,7 +371,7 @@ def load_model(path, xp=numpy):
     """
     path = Path(path)
     with open_hdf5(path, "model") as f:
-        fmt = _text_attr(f, "format")
+        fmt = text_attr(f, "format")
         if fmt == FORMAT:
             return _read_model(f, path, xp)
     if fmt == CHECKPOINT_FORMAT:
@@ -391,11 +383,11 @@ def _read_model(f, path, xp):
     version = f.attrs.get("version")
     if not isinstance(version, int | numpy.integer) or version != VERSION:
         raise SparsenetError(f"{path}: model file version {f.attrs.get('version')} is not supported (expected {VERSION})")
-    encoding = _text_attr(f, "encoding")
+    encoding = text_attr(f, "encoding")
     if encoding not in ENCODINGS:
         raise SparsenetError(f"{path}: unknown encoding {encoding!r}")
     try:
-        net = build_network(json.loads(_text_attr(f, "network")), xp=xp)
+        net = build_network(json.loads(text_attr(f, "network")), xp=xp)
     except (SparsenetError, TypeError, ValueError, MemoryError) as e:
         raise SparsenetError(f"{path}: cannot rebuild the network: {e!r}") from None
     params = f.get("params")

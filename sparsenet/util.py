@@ -1,8 +1,13 @@
-"""Small shared helpers: the package's error type and atomic file writes."""
+"""Small shared helpers: the package's error type, atomic file writes, environment flags."""
 import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+
+def env_flag(name):
+    """Whether environment variable ``name`` is set to anything but "", "0" or "false"."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false")
 
 
 class SparsenetError(Exception):

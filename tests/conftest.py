@@ -22,12 +22,13 @@ def pytest_configure(config):
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: only the tests that will run count
 def pytest_collection_modifyitems(config, items):
     from sparsenet.data import DATASETS, _find, resolve_data_dir
+    from sparsenet.util import env_flag
 
     need = [item for item in items if item.get_closest_marker("mnist")]
     where = resolve_data_dir() / "mnist"
     if not need or all(_find(name, [where]) for name in DATASETS["mnist"].files):
         return
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+    if env_flag("CI"):
         raise pytest.UsageError(f"CI: MNIST not found at {where.absolute()} (SPARSENET_DATA); "
                                 f"{len(need)} tests would be skipped")
     skip = pytest.mark.skip(reason=f"MNIST not found at {where} (set SPARSENET_DATA)")
