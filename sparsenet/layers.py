@@ -33,41 +33,7 @@ import math
 import numpy
 
 from .backend import get_array_module
-
-
-# ----------------------------------------------------------------------------- params
-class Param:
-    """A trainable array with its gradient and pruning mask.
-
-    Attributes
-    ----------
-    data : array, the value ``W`` (pruned entries are exactly 0).
-    grad : array or None, ``dL/dW`` of the last backward pass (already ``⊙ M``).
-    mask : array of the same shape and dtype, 1.0 where the entry survives, 0.0 where
-        it was pruned. Masks only ever lose entries.
-    prunable : whether pruning may touch it (weights yes, biases no).
-    lr_mult, decay_mult : per-parameter multipliers of the learning rate and of the
-        regularisation strength (Caffe's ``lr_mult``/``decay_mult``).
-    """
-
-    __slots__ = ("data", "grad", "mask", "prunable", "lr_mult", "decay_mult")
-
-    def __init__(self, data, prunable=True, lr_mult=1.0, decay_mult=1.0):
-        xp = get_array_module(data)
-        self.data = data
-        self.grad = None
-        self.mask = xp.ones_like(data)
-        self.prunable = prunable
-        self.lr_mult = lr_mult
-        self.decay_mult = decay_mult
-
-    @property
-    def size(self):
-        return int(self.data.size)
-
-    def nonzero(self):
-        """Number of surviving entries (mask ones)."""
-        return int(get_array_module(self.mask).count_nonzero(self.mask))
+from .param import Param
 
 
 # ----------------------------------------------------------------------------- linear

@@ -1,0 +1,138 @@
+"""A trainable array that owns its mask: the one place where the pruning rule lives.
+
+The rule (the paper's "pruned connections never come back"): a parameter has a 0/1
+mask ``M`` of its own shape; where ``M = 0`` the value *and every optimiser state array*
+(momentum, …) are exactly 0, and a mask only ever loses ones. Every change of a mask goes
+through :meth:`Param._assign`, which checks the rule before anything is stored:
+
+* :meth:`Param.prune` narrows the mask (``M ← M ⊙ keep``) and zeroes the value and the
+  state there — magnitude pruning (:mod:`sparsenet.pruning`) calls it;
+* :meth:`Param.take` keeps some rows/columns of the value, mask, state and gradient
+  together — dead-neuron removal (§3.5) calls it;
+* :meth:`Param.load` installs value, mask and state read from a file, rejecting a file
+  that breaks the rule (it is never "repaired", and a mask is never derived from the
+  values: a surviving weight may be exactly 0.0 and stays a connection);
+* :meth:`Param.zero_pruned` re-asserts the rule after an optimiser update with a
+  *select* (``W[M = 0] ← 0``), not a product: ``W ⊙ M`` would keep NaN·0 = NaN when a
+  diverging run overflows.
+
+The optimiser keeps its per-parameter arrays in ``state`` (``state["momentum"]``), so
+pruning and neuron removal need no optimiser argument and cannot leave them stale.
+"""
+from .backend import get_array_module
+from .util import SparsenetError
+
+
+class Param:
+    """A trainable array with its gradient, mask and optimiser state.
+
+    Attributes
+    ----------
+    data : array, the value ``W`` (exactly 0 where pruned).
+    grad : array or None, ``dL/dW`` of the last backward pass (already ``⊙ M``).
+    mask : array (read-only property) of ``data``'s shape and dtype, 1 kept, 0 pruned.
+    state : dict of arrays of ``data``'s shape owned by the optimiser (e.g. "momentum").
+    prunable : whether pruning may touch it (weights yes, biases no).
+    lr_mult, decay_mult : per-parameter multipliers of the learning rate and of the
+        regularisation strength (Caffe's ``lr_mult``/``decay_mult``).
+    """
+
+    __slots__ = ("data", "grad", "_mask", "state", "prunable", "lr_mult", "decay_mult")
+
+    def __init__(self, data, prunable=True, lr_mult=1.0, decay_mult=1.0):
+        self.prunable, self.lr_mult, self.decay_mult = prunable, lr_mult, decay_mult
+        self.grad = None
+        self._assign(data, get_array_module(data).ones_like(data), {})
+
+    # -- the one writer ----------------------------------------------------------------
+    def _assign(self, data, mask, state, check=False):
+        """Install value, mask and state together (the only code that sets a mask).
+
+        With ``check`` the rule is verified first and a violation raises
+        :class:`SparsenetError` without changing anything.
+        """
+        if check:
+            _check(data, mask, state)
+        self.data, self._mask, self.state = data, mask, dict(state)
+
+    @property
+    def mask(self):
+        return self._mask
+
+    # -- operations --------------------------------------------------------------------
+    def prune(self, keep):
+        """Narrow the mask to ``M ⊙ keep`` (``keep``: 0/1 or bool, this shape); zero the
+        value and every state array at the newly pruned positions. Returns the number of
+        survivors before and after."""
+        if not self.prunable:
+            raise SparsenetError("this parameter is not prunable")
+        xp = get_array_module(self.data)
+        if tuple(keep.shape) != tuple(self.data.shape):
+            raise SparsenetError(f"pruning mask of shape {tuple(keep.shape)} for a parameter of shape "
+                                 f"{tuple(self.data.shape)}")
+        before = self.nonzero()
+        mask = self._mask * xp.asarray(keep, dtype=self._mask.dtype)
+        self._assign(self.data, mask, self.state)
+        self.zero_pruned()
+        return before, self.nonzero()
+
+    def take(self, index, axis):
+        """Keep only entries ``index`` along ``axis`` of the value, mask, state and gradient
+        (neuron removal, §3.5). The result is row-major."""
+        xp = get_array_module(self.data)
+
+        def cut(a):
+            return None if a is None else xp.ascontiguousarray(xp.take(a, index, axis=axis))
+
+        self._assign(cut(self.data), cut(self._mask), {k: cut(v) for k, v in self.state.items()})
+        self.grad = cut(self.grad)
+
+    def load(self, data, mask, state=None):
+        """Install arrays read from a file, after checking shapes and the rule."""
+        for what, a in (("value", data), ("mask", mask), *(((k, v) for k, v in (state or {}).items()))):
+            if tuple(a.shape) != tuple(self.data.shape):
+                raise SparsenetError(f"{what} has shape {tuple(a.shape)}, expected {tuple(self.data.shape)}")
+        if not self.prunable and not bool(get_array_module(mask).all(mask == 1)):
+            raise SparsenetError("a parameter that is not prunable has pruned entries")
+        self._assign(data, mask, state or {}, check=True)
+        self.grad = None
+
+    def cast(self, dtype):
+        """Convert value, mask, state and gradient to ``dtype`` (e.g. float64 for gradient
+        checks)."""
+        def conv(a):
+            return None if a is None else a.astype(dtype)
+
+        self._assign(conv(self.data), conv(self._mask), {k: conv(v) for k, v in self.state.items()})
+        self.grad = conv(self.grad)
+
+    def zero_pruned(self):
+        """``W[M = 0] ← 0`` and likewise for every state array (a select: NaN-proof)."""
+        xp = get_array_module(self.data)
+        pruned = self._mask == 0
+        for a in (self.data, *self.state.values()):
+            xp.copyto(a, 0, where=pruned)
+
+    def check(self):
+        """Raise :class:`SparsenetError` if the rule is broken (the mask is not 0/1, or a
+        value or state entry is non-zero or not finite where pruned)."""
+        _check(self.data, self._mask, self.state)
+
+    # -- counts ------------------------------------------------------------------------
+    @property
+    def size(self):
+        return int(self.data.size)
+
+    def nonzero(self):
+        """Number of surviving entries (mask ones): connections, whatever their value."""
+        return int(get_array_module(self._mask).count_nonzero(self._mask))
+
+
+def _check(data, mask, state):
+    xp = get_array_module(data)
+    if not bool(xp.all((mask == 0) | (mask == 1))):
+        raise SparsenetError("mask holds values other than 0 and 1")
+    pruned = mask == 0
+    for what, a in (("value", data), *state.items()):
+        if bool(xp.any(a[pruned] != 0)):
+            raise SparsenetError(f"{what} is non-zero at a pruned position")
