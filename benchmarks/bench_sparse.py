@@ -2,9 +2,9 @@
 
 Cases (random masks at the paper's densities unless ``--checkpoint`` gives a real net):
 
-* LeNet-300-100, fc1 8%, fc2 9%, fc3 26% (PAPER.md, Table 2): each fc layer and the whole net,
+* LeNet-300-100, fc1 8%, fc2 9%, fc3 26% (Table 2, ``sparsenet.paper``): each fc layer and the whole net,
 * LeNet-5, conv1 66%, conv2 12%, fc1 8%, fc2 19% (Table 3): each layer and the whole net,
-* one 4096×9216 layer (AlexNet fc6) at 9% and 4% density,
+* one 4096×9216 layer (AlexNet fc6) at 9% and 4% density (AlexNet's and VGG-16's first FC layer),
 
 each at batch 1 and 64. "dense" is ``X W₂ᵀ`` (BLAS), "sparse" the CSR product of
 :func:`sparsenet.sparse.sparse_matmul_t`, "auto" the per-layer choice of
@@ -32,16 +32,13 @@ import numpy
 
 from sparsenet.backend import array_module, sparse_module
 from sparsenet.model import build_model, build_network
-from sparsenet.sparse import (
-    SparseNetwork,
-    layer_operand,
-    load_model,
-    prune_at_random,
-    sparse_matmul_t,
-)
+from sparsenet.inference import SparseNetwork, layer_operand, sparse_matmul_t
+from sparsenet.modelfile import load_model
+from sparsenet.paper import weights_left
+from sparsenet.pruning import prune_at_random
 
-PAPER = {"lenet-300-100": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
-         "lenet-5": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19}}
+PAPER = {name: weights_left(name) for name in ("lenet-300-100", "lenet-5")}
+FC6 = (weights_left("alexnet")["fc1"], weights_left("vgg-16")["fc6"])  # Tables 4 and 5 (AlexNet's fc6 is its fc1)
 
 
 def _sync(xp):
@@ -141,7 +138,7 @@ def main(argv=None):
     nets = [(str(p), load_model(p, xp)) for p in a.checkpoint] or [
         (name, prune_at_random(build_model(name, xp=xp), d)) for name, d in PAPER.items()]
     rows = []
-    for tag, net in nets + [(f"fc6 4096x9216 @{d:.0%} (+ bias)", fc6(d, xp)) for d in (0.09, 0.04)]:
+    for tag, net in nets + [(f"fc6 4096x9216 @{d:.0%} (+ bias)", fc6(d, xp)) for d in FC6]:
         for r in bench_network(tag, net, xp, a.seconds):
             rows.append(r)
             print(f"{r['case']:<52} batch {r['batch']:>3}: dense {r['dense_ms']:9.3f} ms  sparse {r['sparse_ms']:9.3f} ms"

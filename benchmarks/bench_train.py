@@ -33,7 +33,10 @@ import numpy
 from sparsenet import data as D
 from sparsenet.backend import array_module, to_device
 from sparsenet.model import build_model
-from sparsenet.train import TrainConfig, make_optimizer, reuse_heap_memory, train_epoch
+import dataclasses
+
+from sparsenet.engine import TrainConfig, reuse_heap_memory, train_epoch
+from sparsenet.optim import SGD
 
 
 def gemm_peak(xp, sizes=(1024, 2048), repeat=5):
@@ -89,7 +92,7 @@ def load_images(n):
 def bench_sparsenet(name, x, t, xp):
     cfg = TrainConfig(model=name)
     net = build_model(name, 0, xp)
-    opt = make_optimizer(net, cfg)
+    opt = SGD.from_settings(net.params(), dataclasses.asdict(cfg))
     xs = to_device(x.reshape((-1,) + net.input_shape), xp)
     ts = to_device(t, xp)
     rng = numpy.random.default_rng(0)
@@ -106,7 +109,7 @@ def breakdown(name, x, t, xp, blocks=8, steps=60):
     and backward passes alone (update skipped); blocks of the two alternate."""
     cfg = TrainConfig(model=name)
     net = build_model(name, 0, xp)
-    opt = make_optimizer(net, cfg)
+    opt = SGD.from_settings(net.params(), dataclasses.asdict(cfg))
     xs = to_device(x.reshape((-1,) + net.input_shape), xp)
     ts = to_device(t, xp)
     per = {"step": [], "forward+backward": []}

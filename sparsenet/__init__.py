@@ -1,15 +1,57 @@
 """sparsenet: Han et al. 2015, "Learning both Weights and Connections for Efficient
 Neural Networks", in NumPy/CuPy with hand-derived backprop (no autograd).
 
-Modules, in reading order:
+Train a network, prune its small-magnitude connections, retrain the rest, and iterate;
+then store and run the sparse result. ``docs/paper.md`` summarises the paper.
 
-* :mod:`sparsenet.backend`    NumPy/CuPy dispatch (``get_array_module``)
-* :mod:`sparsenet.layers`     forward/backward of every layer, with the equations
-* :mod:`sparsenet.model`      networks and the LeNet architectures
-* :mod:`sparsenet.optim`      SGD with momentum, L1/L2, learning-rate policies
-* :mod:`sparsenet.data`       MNIST / Fashion-MNIST with checksum verification
-* :mod:`sparsenet.checkpoint` HDF5 checkpoints (atomic writes)
-* :mod:`sparsenet.train`      the training loop and evaluation
-* :mod:`sparsenet.cli`        the ``sparsenet`` command
+Where the paper lives in the code (a test checks that every name below exists):
+
+==============================  ===========================================================
+paper                           code
+==============================  ===========================================================
+step 1, train                   :func:`sparsenet.engine.train`
+step 2, prune by magnitude      :func:`sparsenet.pruning.prune`, :func:`sparsenet.pruning.quality_mask`
+the mask rule                   :class:`sparsenet.param.Param`, :meth:`sparsenet.param.Param.prune`
+step 3, retrain                 :func:`sparsenet.engine.train_epoch`, :class:`sparsenet.optim.SGD`
+§3.1 L1/L2 regularisation       :meth:`sparsenet.optim.SGD.step`
+§3.2 dropout-ratio adjustment   :func:`sparsenet.pruning.adjust_dropout`
+§3.3 conv / FC retrained apart  :meth:`sparsenet.model.Network.freeze`
+§3.4 iterative pruning          :func:`sparsenet.engine.prune_run`
+§3.5 pruning neurons            :func:`sparsenet.pruning.remove_dead_neurons`
+layers and their backprop       :mod:`sparsenet.layers` (plain), :mod:`sparsenet.fast_layers` (tuned)
+storage, relative indices       :func:`sparsenet.codecs.relative_encode`, :func:`sparsenet.modelfile.export_model`
+sparse inference                :class:`sparsenet.inference.SparseNetwork`
+Tables 1-3, per-layer table     :func:`sparsenet.report.layer_report`
+Fig. 4, sparsity pattern        :func:`sparsenet.figures.plot_pattern`
+Fig. 5, accuracy trade-off      :func:`sparsenet.reproduce.tradeoff`
+Fig. 6, sensitivity             :func:`sparsenet.report.sensitivity`
+the paper's published numbers   :mod:`sparsenet.paper`
+==============================  ===========================================================
+
+Supporting modules: :mod:`sparsenet.backend` (NumPy/CuPy dispatch), :mod:`sparsenet.model`
+(networks, the LeNets), :mod:`sparsenet.data` (MNIST), :mod:`sparsenet.checkpoint` and
+:mod:`sparsenet.h5io` (HDF5 files), :mod:`sparsenet.cli` (the ``sparsenet`` command).
+
+The public API, importable from ``sparsenet`` directly::
+
+    import sparsenet as sn
+    net = sn.build_model("lenet-300-100")
+    sn.train("runs/dense", sn.TrainConfig(epochs=2))
+    sn.prune_run("runs/dense/checkpoint.h5", "runs/pruned", sn.uniform_schedule("quality", 1.0, rounds=3))
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .engine import Schedule, TrainConfig, evaluate, load_schedule, prune_run, train, uniform_schedule
+from .inference import SparseNetwork
+from .model import Network, build_model, build_network
+from .modelfile import export_model, load_model, storage_report
+from .optim import SGD
+from .param import Param
+from .pruning import adjust_dropout, prune, remove_dead_neurons
+from .util import SparsenetError
+
+__all__ = ["SGD", "Network", "Param", "Schedule", "SparseNetwork", "SparsenetError", "TrainConfig", "adjust_dropout",
+           "build_model", "build_network", "evaluate", "export_model", "load_checkpoint", "load_model", "load_schedule",
+           "prune", "prune_run", "remove_dead_neurons", "save_checkpoint", "storage_report", "train",
+           "uniform_schedule"]

@@ -36,11 +36,14 @@ def resolve_device(device=None):
 
 
 def array_module(device=None):
-    """The array module for a device name: ``numpy`` for cpu, ``cupy`` for gpu.
+    """The array module for a device name: ``numpy`` for cpu, ``cupy`` for gpu (an array
+    module passed in is returned as it is, so a command resolves its device once).
 
     Raises :class:`SparsenetError` (one line) when the GPU is asked for but CuPy is not
     installed or sees no CUDA device.
     """
+    if device is not None and not isinstance(device, str):
+        return device
     if resolve_device(device) == "cpu":
         return numpy
     try:
@@ -57,6 +60,11 @@ def array_module(device=None):
     if n < 1:
         raise SparsenetError("--device gpu: CuPy found no CUDA device")
     return cupy
+
+
+def device_name(xp):
+    """``"cpu"`` for NumPy, ``"gpu"`` for CuPy."""
+    return "cpu" if xp is numpy else "gpu"
 
 
 def asnumpy(a):

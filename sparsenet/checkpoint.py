@@ -1,169 +1,135 @@
-"""HDF5 checkpoints: weights, masks, optimiser state, RNG state, epoch and config.
+"""HDF5 checkpoints: weights, masks, momentum, RNG states, the run's state and its log.
 
-Layout (readable with h5py alone; no pickle anywhere)::
+Layout (readable with h5py alone; the container is :mod:`sparsenet.h5io`)::
 
-    /                      attrs (text as fixed-length ASCII bytes; str also read):
-                                  format="sparsenet-checkpoint", version=1,
-                                  network (JSON: Network.spec()), config (JSON),
-                                  epoch (int), optimizer (JSON: SGD.state_dict()),
-                                  rng (JSON: NumPy bit-generator state, or "null")
-    /params/<layer.param>  float32 values, pruned entries exactly 0
-    /masks/<layer.param>   uint8, 1 = kept, 0 = pruned
-    /velocity/<layer.param> float32 momentum (optional: absent for a bare model)
+    /                       attrs (text as fixed-length ASCII bytes):
+                                   format="sparsenet-checkpoint", version=1,
+                                   network (JSON: Network.spec()), config (JSON),
+                                   epoch (int), optimizer (JSON: SGD.state_dict(), or null),
+                                   rng (JSON: the data-order generator's state, or null),
+                                   dropout_rng (JSON, optional: the dropout generator's state)
+    /params/<layer.param>   float32 values, pruned entries exactly 0
+    /masks/<layer.param>    uint8, 1 = connection kept, 0 = pruned
+    /velocity/<layer.param> float32 momentum (absent for a bare model)
+    /log                    optional, uint8: the run's log as JSON lines (UTF-8)
 
-Files use the HDF5 1.10 object format, whose metadata carries checksums, and every
-non-empty dataset is one HDF5 chunk with a Fletcher-32 checksum (:func:`write_dataset`),
-so a damaged byte is an error on reading, never a silently different weight or a hang.
-Files are written to a temporary name and renamed into place, so a killed run leaves
-either the previous checkpoint or the new one. Loading validates everything it reads
-and raises :class:`SparsenetError` naming the file and the problem.
+A checkpoint is a run's one commit point: the run engine (:mod:`sparsenet.engine`)
+keeps its state in ``config`` and its log in ``/log``, so one atomic rename commits
+both; ``log.jsonl`` beside it is a view rewritten from it.
+
+Loading validates everything before building anything: the network description as a
+whole (:func:`sparsenet.model.check_spec`), each stored array against the shape the
+description declares, finite values, 0/1 masks, and the pruning rule (a file with a
+non-zero weight or momentum at a pruned position is rejected, never repaired). Errors
+are one line naming the file.
 """
-import contextlib
 import json
 from pathlib import Path
 
-import h5py
 import numpy
 
+from . import h5io
 from .backend import asnumpy, to_device
-from .model import build_network
-from .util import SparsenetError, atomic_path
+from .model import build_network, check_spec
+from .util import SparsenetError
 
 FORMAT, VERSION = "sparsenet-checkpoint", 1
 
 
-# HDF5 filters, built into every HDF5 (h5py alone reads the files): a checksum always;
-# byte shuffle + deflate (lossless) where ``compress`` asks for it (the sparse streams of
-# model files; dense arrays stay raw).
-_CHECKSUM = {"fletcher32": True}
-_PACKED = {"fletcher32": True, "shuffle": True, "compression": "gzip", "compression_opts": 9}
+def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None, log=None):
+    """Write ``net`` (and optionally optimiser/RNG state and a run log) to ``path`` atomically.
 
-
-def write_dataset(g, key, a, compress=False):
-    """``g[key] = a`` as one chunk with the filters above. Scalars and empty arrays, which
-    HDF5 cannot chunk, are written plain. One chunk: h5py's default chunking would add
-    an index of many small chunks (~11 KB on a LeNet-300-100 dense model file)."""
-    opts = {**(_PACKED if compress else _CHECKSUM), "chunks": a.shape} if a.ndim and a.size else {}
-    return g.create_dataset(key, data=a, track_times=False, **opts)
-
-
-def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None):
-    """Write ``net`` (and optionally optimiser/RNG state) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        # HDF5 1.10 object format: its object headers carry checksums, so a damaged header
-        # is an error on opening (with the 1.8 format one flipped byte made h5py hang)
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            # text as fixed-length (ASCII) bytes, kept in the checksummed object header: a
-            # variable-length string lives in HDF5's global heap, which has no checksum,
-            # and a damaged heap entry made h5py hang
-            f.attrs["format"] = numpy.bytes_(FORMAT)
-            f.attrs["version"] = VERSION
-            f.attrs["network"] = numpy.bytes_(json.dumps(net.spec()))
-            f.attrs["config"] = numpy.bytes_(json.dumps(config or {}))
-            f.attrs["epoch"] = int(epoch)
-            f.attrs["optimizer"] = numpy.bytes_(json.dumps(optimizer.state_dict() if optimizer else None))
-            f.attrs["rng"] = numpy.bytes_(json.dumps(rng.bit_generator.state if rng is not None else None))
-            for name, p in net.params().items():
-                write_dataset(f, f"params/{name}", asnumpy(p.data))
-                write_dataset(f, f"masks/{name}", asnumpy(p.mask).astype(numpy.uint8))
-                if optimizer is not None:
-                    write_dataset(f, f"velocity/{name}", asnumpy(optimizer.velocity[name]))
+    With ``optimizer`` the parameters' momentum is saved (zeros where none exists yet).
+    """
+    with h5io.create(path) as f:
+        for key, value in (("format", FORMAT), ("network", json.dumps(net.spec())), ("config", json.dumps(config or {})),
+                           ("optimizer", json.dumps(optimizer.state_dict() if optimizer else None)),
+                           ("rng", json.dumps(rng.bit_generator.state if rng is not None else None))):
+            h5io.set_text(f, key, value)
+        f.attrs["version"] = VERSION
+        f.attrs["epoch"] = int(epoch)
+        if isinstance(net.dropout_rng, numpy.random.Generator):
+            h5io.set_text(f, "dropout_rng", json.dumps(net.dropout_rng.bit_generator.state))
+        for name, p in net.params().items():
+            h5io.write_dataset(f, f"params/{name}", asnumpy(p.data))
+            h5io.write_dataset(f, f"masks/{name}", asnumpy(p.mask).astype(numpy.uint8))
+            if optimizer is not None:
+                v = p.state.get("momentum")
+                h5io.write_dataset(f, f"velocity/{name}", asnumpy(v) if v is not None else numpy.zeros_like(asnumpy(p.data)))
+        if log is not None:
+            text = "".join(json.dumps(r) + "\n" for r in log).encode()
+            h5io.write_dataset(f, "log", numpy.frombuffer(text, dtype=numpy.uint8), compress=True)
 
 
 class Checkpoint:
-    """What :func:`load_checkpoint` returns: ``net`` plus the saved training state."""
+    """What :func:`load_checkpoint` returns: ``net`` (momentum in its parameters' state)
+    plus the saved run state."""
 
-    def __init__(self, net, config, epoch, optimizer_state, velocity, rng_state):
+    def __init__(self, net, config, epoch, optimizer_state, rng_state, log):
         self.net, self.config, self.epoch = net, config, epoch
-        self.optimizer_state, self.velocity, self.rng_state = optimizer_state, velocity, rng_state
+        self.optimizer_state, self.rng_state, self.log = optimizer_state, rng_state, log
+
+    def rng(self):
+        """The data-order generator as saved (None if the file has none)."""
+        if self.rng_state is None:
+            return None
+        rng = numpy.random.default_rng()
+        rng.bit_generator.state = self.rng_state
+        return rng
 
 
-def _json_attr(f, key, path):
-    if key not in f.attrs:
-        raise SparsenetError(f"{path}: not a sparsenet checkpoint (attribute {key!r} missing)")
+def _restore_generator(gen, state, path):
+    if state is None or not isinstance(gen, numpy.random.Generator):
+        return
     try:
-        return json.loads(f.attrs[key])
-    except (TypeError, ValueError) as e:
-        raise SparsenetError(f"{path}: attribute {key!r} is not valid JSON ({e})") from None
-
-
-def _read(f, key, shape, path):
-    if key not in f:
-        raise SparsenetError(f"{path}: dataset {key!r} is missing")
-    d = f[key]
-    if not isinstance(d, h5py.Dataset) or tuple(d.shape) != tuple(shape):
-        raise SparsenetError(f"{path}: {key!r} has shape {getattr(d, 'shape', None)}, expected {tuple(shape)}")
-    a = d[()]
-    if not numpy.all(numpy.isfinite(a)):
-        raise SparsenetError(f"{path}: {key!r} holds NaN or infinite values")
-    return a
-
-
-def text_attr(f, key):
-    """A text attribute (fixed-length bytes, or str as older files have it); None if
-    absent or not text."""
-    v = f.attrs.get(key)
-    if isinstance(v, bytes):
-        v = v.decode("utf-8", "replace")
-    return v if isinstance(v, str) else None
-
-
-@contextlib.contextmanager
-def open_hdf5(path, what="checkpoint"):
-    """``with open_hdf5(path) as f``: ``h5py.File(path, "r")``, with h5py's errors as
-    :class:`SparsenetError`: the ``what`` file is missing or not readable HDF5 (truncated,
-    or not HDF5 at all), or h5py fails inside the block (a damaged header, a checksum
-    that does not match: h5py raises KeyError, OSError or RuntimeError)."""
-    if not Path(path).is_file():
-        raise SparsenetError(f"{path}: no such {what} file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise SparsenetError(f"{path}: not a readable HDF5 file ({e})") from None
-    try:
-        with f:
-            yield f
-    except (KeyError, OSError, RuntimeError) as e:
-        raise SparsenetError(f"{path}: damaged {what} file ({type(e).__name__}: {e})") from None
+        gen.bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as e:
+        raise SparsenetError(f"{path}: bad generator state ({e})") from None
 
 
 def load_checkpoint(path, xp=numpy):
-    """Read a checkpoint written by :func:`save_checkpoint` onto the array module ``xp``.
-
-    Checks: the file is HDF5 with the sparsenet format tag; every parameter, mask and
-    velocity array is present with the network's shape and finite; masks are 0/1; pruned
-    weights (and their momentum) are exactly 0 — a file violating that is rejected rather
-    than silently "repaired", because it would mean a pruned connection came back.
-    """
+    """Read a checkpoint written by :func:`save_checkpoint` onto the array module ``xp``
+    (checks: module docstring)."""
     path = Path(path)
-    with open_hdf5(path, "checkpoint") as f:
-        if text_attr(f, "format") != FORMAT:
+    with h5io.open_file(path, "checkpoint") as f:
+        if h5io.text_attr(f, "format") != FORMAT:
             raise SparsenetError(f"{path}: not a sparsenet checkpoint (format tag missing)")
-        if int(f.attrs.get("version", -1)) != VERSION:
+        if f.attrs.get("version") != VERSION:
             raise SparsenetError(f"{path}: checkpoint version {f.attrs.get('version')} is not supported (expected {VERSION})")
-        spec = _json_attr(f, "network", path)
-        config = _json_attr(f, "config", path)
-        opt_state = _json_attr(f, "optimizer", path)
-        rng_state = _json_attr(f, "rng", path)
-        epoch = int(f.attrs.get("epoch", 0))
+        spec, config, opt_state, rng_state = (h5io.json_attr(f, k, path, "checkpoint")
+                                              for k in ("network", "config", "optimizer", "rng"))
+        if not isinstance(config, dict):
+            raise SparsenetError(f"{path}: attribute 'config' is not a JSON object")
         try:
-            net = build_network(spec, xp=xp)
-        except (SparsenetError, TypeError, ValueError) as e:
-            raise SparsenetError(f"{path}: cannot rebuild the network: {e}") from None
-        velocity = {}
+            shapes = check_spec(spec)
+        except SparsenetError as e:
+            raise SparsenetError(f"{path}: bad network description: {e}") from None
+        for name, shape in shapes.items():  # what the description declares is what is stored
+            d = f.get(f"params/{name}")
+            if d is None:
+                raise SparsenetError(f"{path}: dataset 'params/{name}' is missing")
+            if getattr(d, "shape", None) != shape:
+                raise SparsenetError(f"{path}: params/{name} has shape {getattr(d, 'shape', None)}, "
+                                     f"the network description declares {shape}")
+        net = build_network(spec, xp=xp)
         for name, p in net.params().items():
-            W = _read(f, f"params/{name}", p.data.shape, path).astype(numpy.float32)
-            M = _read(f, f"masks/{name}", p.data.shape, path)
-            if not numpy.isin(M, (0, 1)).all():
-                raise SparsenetError(f"{path}: mask {name!r} holds values other than 0 and 1")
-            pruned = M == 0
-            if numpy.any(W[pruned] != 0):
-                raise SparsenetError(f"{path}: {name!r} has non-zero weights at pruned positions")
-            p.data = to_device(W, xp)
-            p.mask = to_device(M.astype(numpy.float32), xp)
+            W = h5io.read_array(f, f"params/{name}", path, p.data.shape, kinds="f").astype(numpy.float32)
+            M = h5io.read_array(f, f"masks/{name}", path, p.data.shape, kinds="uifb")
+            state = {}
             if opt_state is not None:
-                V = _read(f, f"velocity/{name}", p.data.shape, path).astype(numpy.float32)
-                if numpy.any(V[pruned] != 0):
-                    raise SparsenetError(f"{path}: momentum of {name!r} is non-zero at pruned positions")
-                velocity[name] = to_device(V, xp)
-    return Checkpoint(net, config, epoch, opt_state, velocity, rng_state)
+                state["momentum"] = to_device(
+                    h5io.read_array(f, f"velocity/{name}", path, p.data.shape, kinds="f").astype(numpy.float32), xp)
+            try:
+                p.load(to_device(W, xp), to_device(M.astype(numpy.float32), xp), state)
+            except SparsenetError as e:
+                raise SparsenetError(f"{path}: {name}: {e}") from None
+        _restore_generator(net.dropout_rng, h5io.json_attr(f, "dropout_rng", path) if "dropout_rng" in f.attrs else None,
+                           path)
+        log = None
+        if "log" in f:
+            try:
+                log = [json.loads(line) for line in bytes(h5io.read_array(f, "log", path, kinds="u")).decode().splitlines()]
+            except ValueError as e:
+                raise SparsenetError(f"{path}: the stored run log is not JSON lines ({e})") from None
+        epoch = f.attrs.get("epoch", 0)
+    return Checkpoint(net, config, int(epoch), opt_state, rng_state, log)

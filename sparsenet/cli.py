@@ -6,6 +6,7 @@ status 2; an interrupted training run says how to resume it.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .model import MODELS, build_model
 from .util import SparsenetError
@@ -18,66 +19,85 @@ def _add_common(p):
                    help="directory holding mnist/ (and fashion-mnist/) (default: $SPARSENET_DATA, else ./data)")
 
 
-def build_parser():
-    from .train import TrainConfig
+def _add_optim(p, d):
+    """The optimiser settings (one vocabulary: :data:`sparsenet.optim.SETTINGS`) with defaults ``d``."""
+    from .optim import POLICIES
 
-    d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="sparsenet", description=(
-        "Learning both weights and connections (Han et al. 2015): train, prune, retrain."))
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a dense network (Caffe's MNIST solver by default)")
-    p.add_argument("--model", choices=sorted(MODELS), default=d.model)
-    p.add_argument("--out", required=True, help="run directory (config.json, log.jsonl, checkpoint.h5)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--dataset", default=d.dataset, help="mnist or fashion-mnist")
-    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"base learning rate (default {d.lr})")
-    p.add_argument("--lr-policy", choices=("fixed", "step", "inv"), default=d.lr_policy)
-    p.add_argument("--gamma", type=float, default=None,
-                   help="gamma of the step/inv policies (default: step 0.1, inv 1e-4)")
-    p.add_argument("--power", type=float, default=d.power, help="power of the inv policy")
-    p.add_argument("--step-size", type=int, default=d.step_size,
-                   help=f"iterations per step of the step policy (default {d.step_size} = 7 epochs at batch 64)")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 strength")
-    p.add_argument("--l1", type=float, default=d.l1, help="L1 strength")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--lr", type=float, default=d["lr"], help=f"base learning rate (default {d['lr']})")
+    p.add_argument("--lr-policy", choices=POLICIES, default=d["lr_policy"], help=f"default {d['lr_policy']}")
+    p.add_argument("--gamma", type=float, default=None, help="gamma of the step/inv policies (default: step 0.1, inv 1e-4)")
+    p.add_argument("--power", type=float, default=d["power"], help="power of the inv policy")
+    p.add_argument("--step-size", type=int, default=d["step_size"],
+                   help=f"iterations per step of the step policy (default {d['step_size']})")
+    p.add_argument("--momentum", type=float, default=d["momentum"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="L2 strength (§3.1)")
+    p.add_argument("--l1", type=float, default=d["l1"], help="L1 strength (§3.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     _add_common(p)
 
+
+def _optim(a):
+    from .optim import SETTINGS
+
+    return {k: getattr(a, k) for k in SETTINGS}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's one-line errors (``sparsenet: error: …``, exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"sparsenet: error: {message} (see: {self.prog} --help)\n")
+
+
+def build_parser():
+    import dataclasses
+
+    from . import __version__
+    from .data import DATASETS
+    from .engine import RETRAIN_DEFAULTS, TrainConfig
+    from .pruning import CRITERIA
+
+    ap = _Parser(prog="sparsenet", description=(
+        "Learning both weights and connections (Han et al. 2015): train, prune, retrain."))
+    ap.add_argument("--version", action="version", version=f"sparsenet {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = dataclasses.asdict(TrainConfig())
+    p = sub.add_parser("train", help="train a dense network (sparsenet's defaults; Caffe's solver with "
+                                     "--lr 0.01 --lr-policy inv --epochs 11)")
+    p.add_argument("--model", choices=sorted(MODELS), default=d["model"])
+    p.add_argument("--out", required=True, help="run directory (config.json, log.jsonl, checkpoint.h5)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=d["dataset"])
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']}")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images")
+    _add_optim(p, d)
+
     p = sub.add_parser("prune", help="iterative pruning: rounds of prune -> retrain (§3.4)",
                        description="Prune a trained checkpoint iteratively. Give a schedule file (JSON/TOML, "
-                                   "see sparsenet.iterative) or inline JSON with --schedule, or build N equal "
+                                   "see sparsenet.engine) or inline JSON with --schedule, or build N equal "
                                    "rounds from --criterion/--amount/--rounds and the retraining options.")
     p.add_argument("checkpoint", nargs="?", help="trained checkpoint to prune (not needed with --resume)")
     p.add_argument("--out", required=True, help="run directory (schedule.json, log.jsonl, checkpoint.h5)")
     p.add_argument("--resume", action="store_true", help="continue the pruning run in --out")
     p.add_argument("--schedule", help="schedule file (.json/.toml) or inline JSON object")
-    p.add_argument("--criterion", choices=("quality", "percentile", "global"), default="quality",
+    p.add_argument("--criterion", choices=CRITERIA, default="quality",
                    help="quality: |w| < q*std pruned (the paper's rule); percentile: per-layer target "
                         "sparsity; global: one threshold for all layers (default quality)")
     p.add_argument("--amount", default="1.0",
-                   help="q, or target sparsity; per layer as fc1=0.92,fc2=0.91,default=0.8 (default 1.0)")
+                   help="q, or target sparsity as a fraction of the original layer; per layer as "
+                        "fc1=0.92,fc2=0.91,default=0.8 (default 1.0)")
     p.add_argument("--rounds", type=int, default=1,
                    help="number of prune/retrain rounds; percentile/global targets are reached in equal ratios")
-    from .iterative import RETRAIN_DEFAULTS as R
-
-    p.add_argument("--epochs", type=int, default=R["epochs"], help=f"retraining epochs per round (default {R['epochs']})")
-    p.add_argument("--lr", type=float, default=R["lr"], help=f"retraining learning rate (default {R['lr']})")
-    p.add_argument("--lr-policy", choices=("fixed", "step", "inv"), default=R["lr_policy"])
-    p.add_argument("--gamma", type=float, default=None)
-    p.add_argument("--step-size", type=int, default=R["step_size"])
-    p.add_argument("--momentum", type=float, default=R["momentum"])
-    p.add_argument("--weight-decay", type=float, default=R["weight_decay"], help="L2 strength while retraining")
-    p.add_argument("--l1", type=float, default=R["l1"], help="L1 strength while retraining")
+    p.add_argument("--epochs", type=int, default=RETRAIN_DEFAULTS["epochs"],
+                   help=f"retraining epochs per round (default {RETRAIN_DEFAULTS['epochs']})")
+    p.add_argument("--batch-size", type=int, default=RETRAIN_DEFAULTS["batch_size"])
     p.add_argument("--freeze", default="", help="comma-separated layers to keep fixed while retraining (§3.3)")
     p.add_argument("--keep-dead-neurons", action="store_true", help="do not remove dead neurons (§3.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the retraining data order")
-    p.add_argument("--no-progress", action="store_true")
-    _add_common(p)
+    _add_optim(p, RETRAIN_DEFAULTS)
 
     p = sub.add_parser("report", help="per-layer table: weights, FLOP, act%%, weights%% and FLOP%% left (Tables 2-3)")
     p.add_argument("checkpoint")
@@ -112,21 +132,19 @@ def build_parser():
     p.add_argument("checkpoint", nargs="?", help="a checkpoint (or use --model)")
     p.add_argument("--model", choices=sorted(MODELS))
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_sparse_parsers(sub)
+    _add_sparse_parsers(sub, DATASETS)
     return ap
 
 
 def cmd_train(a):
-    from .train import TrainConfig, train
+    from .engine import TrainConfig, train
 
     if a.resume:
-        log = train(a.out, resume=True, data_dir=a.data_dir, device=a.device,
-                    progress=not a.no_progress, epochs=a.epochs)
+        log = train(a.out, resume=True, data_dir=a.data_dir, device=a.device, progress=not a.no_progress,
+                    epochs=a.epochs)
     else:
         cfg = TrainConfig(model=a.model, dataset=a.dataset, epochs=TrainConfig.epochs if a.epochs is None else a.epochs,
-                          batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-                          l1=a.l1, lr_policy=a.lr_policy, gamma=a.gamma, power=a.power,
-                          step_size=a.step_size, seed=a.seed, train_subset=a.train_subset)
+                          batch_size=a.batch_size, seed=a.seed, train_subset=a.train_subset, **_optim(a))
         log = train(a.out, cfg, data_dir=a.data_dir, device=a.device, progress=not a.no_progress)
     if log:
         r = log[-1]
@@ -134,7 +152,7 @@ def cmd_train(a):
 
 
 def cmd_eval(a):
-    from .train import evaluate
+    from .engine import evaluate
 
     r = evaluate(a.checkpoint, a.data_dir, a.device)
     if a.json:
@@ -159,7 +177,7 @@ def parse_amount(text):
 
 
 def cmd_prune(a):
-    from .iterative import load_schedule, prune_run, uniform_schedule
+    from .engine import load_schedule, prune_run, uniform_schedule
 
     if a.resume:
         schedule = None
@@ -169,10 +187,8 @@ def cmd_prune(a):
         schedule = load_schedule(a.schedule)
     else:
         schedule = uniform_schedule(
-            a.criterion, parse_amount(a.amount), a.rounds, a.seed, epochs=a.epochs, lr=a.lr,
-            lr_policy=a.lr_policy, gamma=a.gamma, step_size=a.step_size, momentum=a.momentum,
-            weight_decay=a.weight_decay, l1=a.l1, freeze=[n for n in a.freeze.split(",") if n],
-            remove_neurons=not a.keep_dead_neurons)
+            a.criterion, parse_amount(a.amount), a.rounds, a.seed, epochs=a.epochs, batch_size=a.batch_size,
+            freeze=[n for n in a.freeze.split(",") if n], remove_neurons=not a.keep_dead_neurons, **_optim(a))
     log = prune_run(a.checkpoint, a.out, schedule, resume=a.resume, data_dir=a.data_dir, device=a.device,
                     progress=not a.no_progress)
     r = log[-1]
@@ -241,8 +257,8 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, 
 
 
 # ----------------------------------------------------------------------------- export, predict
-def _add_sparse_parsers(sub):
-    from .sparse import ENCODINGS
+def _add_sparse_parsers(sub, datasets):
+    from .modelfile import ENCODINGS
 
     p = sub.add_parser("export", help="write a model file (dense, CSR or relative-index sparse) and its storage table")
     p.add_argument("checkpoint", help="a checkpoint (or a model file)")
@@ -250,6 +266,7 @@ def _add_sparse_parsers(sub):
     p.add_argument("--format", choices=ENCODINGS, default="relative", help="encoding of the weights (default relative)")
     p.add_argument("--report", action="store_true",
                    help="write nothing: print the storage table and the on-disk size of all three formats")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("predict", help="test error of a model file (or checkpoint), pruned layers run sparse")
@@ -257,18 +274,18 @@ def _add_sparse_parsers(sub):
     p.add_argument("--mode", choices=("auto", "dense", "sparse"), default="auto",
                    help="per-layer choice by density and batch size (auto), or force one")
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--dataset", default="mnist", help="mnist or fashion-mnist")
+    p.add_argument("--dataset", choices=sorted(datasets), default="mnist")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
 
 
 def cmd_export(a):
-    from pathlib import Path
-
-    from .sparse import export_model, export_sizes, load_model, storage_report
+    from .modelfile import export_model, export_sizes, load_model, storage_report
 
     if (a.out is None) != a.report:
         raise SparsenetError("export needs an output file OUT.h5, or --report (which writes nothing)")
+    if a.out is not None and Path(a.out).exists() and not a.force:
+        raise SparsenetError(f"{a.out} exists; choose another name or add --force to overwrite it")
     net = load_model(a.checkpoint)
     r = {"checkpoint": a.checkpoint, **storage_report(net)}
     if a.report:
@@ -296,14 +313,15 @@ def cmd_predict(a):
     import time
 
     from .backend import array_module
-    from .sparse import SparseNetwork, load_model
-    from .train import load_split
+    from .data import load_split
+    from .inference import SparseNetwork
+    from .modelfile import load_model
 
     if a.batch_size < 1:
         raise SparsenetError(f"--batch-size must be >= 1, got {a.batch_size}")
     xp = array_module(a.device)
     net = load_model(a.model, xp)
-    x, t = load_split(a.dataset, net.input_shape, xp, a.data_dir, split="test")["test"]
+    x, t = load_split(a.dataset, net.input_shape, xp, a.data_dir, split="test", n_classes=net.n_classes)["test"]
     snet = SparseNetwork(net, a.mode)
     t0 = time.perf_counter()
     error = float((snet.predict(x, a.batch_size) != t).mean())
@@ -312,8 +330,10 @@ def cmd_predict(a):
     if a.json:
         print(json.dumps(r))
         return
-    plan = "; ".join(f"{k} {', '.join(n for n, v in r['layers'].items() if v == k) or '-'}" for k in ("sparse", "dense"))
-    print(f"{a.model}: test error {100 * error:.2f}% on {len(t):,} images ({plan}; {r['seconds']:.2f} s)")
+    plan = "; ".join(f"{k}: {', '.join(n for n, v in r['layers'].items() if v == k)}" for k in ("sparse", "dense")
+                     if k in r["layers"].values())
+    print(f"{a.model}: test error {100 * error:.2f}% on {len(t):,} images in {r['seconds']:.2f} s "
+          f"(layers run {plan or 'none'})")
 
 
 COMMANDS.update(export=cmd_export, predict=cmd_predict)

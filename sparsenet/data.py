@@ -19,7 +19,9 @@ re-compressed copy (Debian's, or one you gunzipped yourself) still verifies. A d
 is always verified before it is renamed into place, so a failed or corrupt download
 leaves nothing behind. Files found on disk are verified when ``verify=True`` (default).
 """
+import functools
 import gzip
+import math
 import hashlib
 import http.client
 import os
@@ -31,6 +33,7 @@ from typing import NamedTuple
 
 import numpy
 
+from .backend import to_device
 from .util import SparsenetError, atomic_path, env_flag
 
 DOWNLOAD_TIMEOUT = 30  # seconds, per network operation
@@ -263,3 +266,40 @@ def load_dataset(name="mnist", data_dir=None, download=True, verify=True, spec=N
 def to_float(images):
     """uint8 images as float32 in [0, 1] (divided by 255)."""
     return numpy.asarray(images).astype(numpy.float32) / numpy.float32(255)
+
+
+@functools.lru_cache(maxsize=4)
+def _float_images(name, data_dir, train_subset):
+    """Host arrays of a dataset as float32 in [0, 1], read once per process and kept
+    (a command that trains, reports and sweeps reads the files once)."""
+    ds = load_dataset(name, data_dir)
+    x, y = ds.x_train, ds.y_train
+    if train_subset:
+        x, y = x[:train_subset], y[:train_subset]
+    out = (to_float(x), y, to_float(ds.x_test), ds.y_test)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+def load_split(dataset, input_shape, xp, data_dir=None, train_subset=0, split="both", n_classes=None):
+    """``{"train": (x, t), "test": (x, t)}`` (or one of them, ``split``): images as
+    float32 in [0, 1] shaped ``(N, *input_shape)`` and int64 labels, on the array module
+    ``xp``. The files are read once per process (see :func:`_float_images`). With
+    ``n_classes`` (a network's number of outputs), labels beyond it are an error."""
+    if not isinstance(train_subset, int) or train_subset < 0:
+        raise SparsenetError(f"train_subset must be a whole number >= 0, got {train_subset!r}")
+    xr, yr, xt, yt = _float_images(dataset, str(resolve_data_dir(data_dir).absolute()), train_subset)
+    size = math.prod(xt.shape[1:])
+    if math.prod(input_shape) != size:
+        raise SparsenetError(f"the network takes inputs of shape {tuple(input_shape)}, but {dataset} images are "
+                             f"{'x'.join(map(str, xt.shape[1:]))} ({size} values)")
+    if n_classes is not None and max(int(yr.max(initial=0)), int(yt.max(initial=0))) >= n_classes:
+        raise SparsenetError(f"the network has {n_classes} outputs, but {dataset} has labels up to "
+                             f"{max(int(yr.max(initial=0)), int(yt.max(initial=0)))}")
+    out = {}
+    if split in ("both", "train"):
+        out["train"] = (to_device(xr.reshape((-1, *input_shape)), xp), to_device(yr, xp))
+    if split in ("both", "test"):
+        out["test"] = (to_device(xt.reshape((-1, *input_shape)), xp), to_device(yt, xp))
+    return out

@@ -4,6 +4,8 @@ A network is described by its ``spec`` (a JSON-able list of layer descriptions p
 input shape), which checkpoints store; so a network whose layers were later shrunk
 (dead-neuron removal) rebuilds from its own file without knowing how it got there.
 """
+import math
+
 import numpy
 
 from . import layers as L
@@ -13,14 +15,90 @@ from .util import SparsenetError
 LAYER_KINDS = {cls.kind: cls for cls in (L.Linear, L.Conv2d, L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten)}
 
 
+MAX_PARAMS = 2**31  # entries in one network (8 GiB of float32): larger descriptions are refused
+
+
+def _whole(spec, key, low=1):
+    v = spec.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise SparsenetError(f"layer {spec.get('name')!r}: {key} must be a whole number >= {low}, got {v!r}")
+    return v
+
+
+def check_spec(spec):
+    """Validate a network description before anything is allocated.
+
+    Checks every layer's kind, name (unique) and settings, then follows the shapes from
+    the input to the output: a linear layer needs a vector of ``n_in`` values, a conv or
+    max-pool layer an (H, W, C) image with C = ``c_in`` and a window that fits, the last
+    layer's output is the class scores (a vector). Returns ``{"layer.param": shape}``
+    for every parameter, in order. Raises :class:`SparsenetError` (one line).
+    """
+    if not isinstance(spec, dict):
+        raise SparsenetError("malformed network description: not an object")
+    layers, shape = spec.get("layers"), spec.get("input_shape")
+    if not isinstance(layers, list) or not layers:
+        raise SparsenetError("malformed network description: no layers")
+    if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise SparsenetError(f"malformed network description: bad input shape {shape!r}")
+    shape, params, names = tuple(shape), {}, set()
+    for s in layers:
+        if not isinstance(s, dict) or s.get("kind") not in LAYER_KINDS:
+            raise SparsenetError(f"unknown layer kind {s.get('kind') if isinstance(s, dict) else s!r} in network description")
+        name, kind = s.get("name"), s["kind"]
+        if not isinstance(name, str) or not name or name in names:
+            raise SparsenetError(f"malformed network description: layer name {name!r} missing or repeated")
+        names.add(name)
+        unknown = set(s) - {"kind", "name"} - set(_SETTINGS[kind])
+        if unknown:
+            raise SparsenetError(f"layer {name!r}: unknown settings {', '.join(sorted(unknown))}")
+        where = f"layer {name!r} ({kind}) gets input of shape {shape}"
+        if kind == "linear":
+            n_in, n_out = _whole(s, "n_in"), _whole(s, "n_out")
+            if shape != (n_in,):
+                raise SparsenetError(f"{where}, expected ({n_in},)")
+            params.update({f"{name}.W": (n_out, n_in), f"{name}.b": (n_out,)})
+            shape = (n_out,)
+        elif kind in ("conv2d", "maxpool2d"):
+            k = _whole(s, "k")
+            stride = _whole(s, "stride") if s.get("stride") is not None else (1 if kind == "conv2d" else k)
+            pad = _whole(s, "pad", 0) if kind == "conv2d" and "pad" in s else 0
+            if len(shape) != 3:
+                raise SparsenetError(f"{where}, expected an (H, W, C) image")
+            H, W, C = shape
+            if kind == "conv2d":
+                c_in, c_out = _whole(s, "c_in"), _whole(s, "c_out")
+                if C != c_in:
+                    raise SparsenetError(f"{where}, expected {c_in} channels")
+                params.update({f"{name}.W": (c_out, k, k, c_in), f"{name}.b": (c_out,)})
+                C = c_out
+            if min(H, W) + 2 * pad < k:
+                raise SparsenetError(f"{where}: the {k}x{k} window does not fit")
+            shape = ((H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1, C)
+        elif kind == "flatten":
+            shape = (math.prod(shape),)
+        elif kind == "dropout":
+            for key in ("rate", "base_rate"):
+                v = s.get(key, 0.5)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1):
+                    raise SparsenetError(f"layer {name!r}: dropout {key} must be in [0, 1), got {v!r}")
+        if sum(math.prod(v) for v in params.values()) > MAX_PARAMS:
+            raise SparsenetError(f"network description declares more than {MAX_PARAMS:,} parameters")
+    if len(shape) != 1:
+        raise SparsenetError(f"the last layer outputs shape {shape}; class scores must be a vector (add flatten/linear)")
+    return params
+
+
+_SETTINGS = {"linear": ("n_in", "n_out"), "conv2d": ("c_in", "c_out", "k", "stride", "pad"),
+             "maxpool2d": ("k", "stride"), "relu": (), "dropout": ("rate", "base_rate"), "flatten": ()}
+
+
 def layer_from_spec(spec, rng=None, xp=numpy):
-    """Build one layer from a dict produced by ``Layer.spec()``."""
+    """Build one layer from a dict produced by ``Layer.spec()`` (checked by :func:`check_spec`)."""
     spec = dict(spec)
-    kind = spec.pop("kind", None)
-    if kind not in LAYER_KINDS:
-        raise SparsenetError(f"unknown layer kind {kind!r} in network description")
-    cls = LAYER_KINDS[kind]
-    if kind in ("linear", "conv2d"):
+    cls = LAYER_KINDS[spec.pop("kind")]
+    if cls in (L.Linear, L.Conv2d):
         return cls(**spec, rng=rng, xp=xp)
     return cls(**spec)
 
@@ -54,6 +132,14 @@ class Network:
         for p in self.params().values():
             return get_array_module(p.data)
         return numpy
+
+    @property
+    def n_classes(self):
+        """Number of outputs (class scores)."""
+        shape = self.input_shape
+        for l in self.layers:
+            shape = l.output_shape(shape)
+        return shape[0]
 
     def spec(self):
         return {"name": self.name, "input_shape": list(self.input_shape),
@@ -184,18 +270,18 @@ MODELS = {"lenet-300-100": lenet_300_100, "lenet-5": lenet_5}
 
 
 def build_network(spec, seed=0, xp=numpy):
-    """Build a network from a spec dict (``Network.spec()``), initialised from ``seed``."""
-    rng = numpy.random.default_rng(seed)
-    try:
-        layers = [layer_from_spec(s, rng, xp) for s in spec["layers"]]
-        input_shape = tuple(spec["input_shape"])
-    except (KeyError, TypeError) as e:
-        raise SparsenetError(f"malformed network description: {e!r}") from None
+    """Build a network from a spec dict (``Network.spec()``), initialised from ``seed``.
+
+    The description is validated whole (:func:`check_spec`) before any array exists."""
+    check_spec(spec)
     origin = spec.get("origin")
     if origin is not None and not (isinstance(origin, dict) and all(
-            isinstance(v, dict) and {"weights", "params", "macs"} <= set(v) for v in origin.values())):
+            isinstance(v, dict) and all(isinstance(v.get(k), int) and v[k] >= 0 for k in ("weights", "params", "macs"))
+            for v in origin.values())):
         raise SparsenetError("malformed network description: bad 'origin' entry")
-    return Network(layers, input_shape, spec.get("name", ""), seed=seed + 1, origin=origin)
+    rng = numpy.random.default_rng(seed)
+    layers = [layer_from_spec(s, rng, xp) for s in spec["layers"]]
+    return Network(layers, tuple(spec["input_shape"]), spec.get("name", ""), seed=seed + 1, origin=origin)
 
 
 def build_model(name, seed=0, xp=numpy):

@@ -1,20 +1,25 @@
-"""SGD with momentum, L2 weight decay and an L1 term; Caffe's learning-rate policies.
+"""SGD with momentum, L2 weight decay and an L1 term (§3.1); Caffe's learning-rate policies.
 
 The update (Caffe's convention), for every parameter W with mask M::
 
     g  = gW ⊙ M + λ₂·W + λ₁·sign(W)            (gW already masked by the layer)
     V ← μ·V + η_t·lr_mult·g
-    W ← (W − V) ⊙ M
+    W ← W − V,  then W and V set to 0 where M = 0
 
-Because W, gW and V are all 0 at pruned positions (V is zeroed there when a weight is
-pruned), every term of the update is 0 there; the final ``⊙ M`` re-asserts the invariant.
-The L1/L2 terms therefore act on surviving weights only.
+Because W, gW and V are all 0 at pruned positions, every term of the update is 0
+there; the final select (:meth:`sparsenet.param.Param.zero_pruned`) re-asserts the rule
+even when a diverging run has produced NaN. The L1/L2 terms therefore act on surviving
+weights only. The momentum V lives with its parameter (``Param.state["momentum"]``), so
+pruning and neuron removal keep it in step with the weights.
 
 Learning-rate policies, with t the iteration count (starting at 0):
 
 * ``fixed``: η_t = base_lr
-* ``step``:  η_t = base_lr · γ^⌊t / step_size⌋
-* ``inv``:   η_t = base_lr · (1 + γ·t)^(−power)      (Caffe's MNIST solver: γ=1e-4, power=0.75)
+* ``step``:  η_t = base_lr · γ^⌊t / step_size⌋       (γ defaults to 0.1)
+* ``inv``:   η_t = base_lr · (1 + γ·t)^(−power)      (γ defaults to 1e-4; Caffe's MNIST solver)
+
+:data:`SETTINGS` is the one vocabulary of optimiser settings: the training config, the
+pruning schedules, the command-line flags and :class:`SGD` all use these names.
 """
 import math
 
@@ -22,72 +27,97 @@ from .backend import get_array_module
 from .util import SparsenetError
 
 POLICIES = ("fixed", "step", "inv")
+DEFAULT_GAMMA = {"step": 0.1, "inv": 1e-4, "fixed": 0.0}
+SETTINGS = ("lr", "lr_policy", "gamma", "power", "step_size", "momentum", "weight_decay", "l1")
 
 
-def learning_rate(policy, base_lr, t, gamma=1e-4, power=0.75, step_size=1):
+def learning_rate(policy, base_lr, t, gamma=None, power=0.75, step_size=1):
     """η_t for one of :data:`POLICIES` (see the module docstring)."""
-    if policy == "fixed":
-        return base_lr
+    if policy not in POLICIES:
+        raise SparsenetError(f"unknown learning-rate policy {policy!r}: choose from {', '.join(POLICIES)}")
+    gamma = DEFAULT_GAMMA[policy] if gamma is None else gamma
     if policy == "step":
         return base_lr * gamma ** (t // step_size)
     if policy == "inv":
         return base_lr * (1.0 + gamma * t) ** (-power)
-    raise SparsenetError(f"unknown learning-rate policy {policy!r}: choose from {', '.join(POLICIES)}")
+    return base_lr
+
+
+def check_settings(s, where=""):
+    """Validate a dict holding :data:`SETTINGS`; returns it. Raises one line naming ``where``."""
+    where = f"{where}: " if where else ""
+    for key in ("lr", "momentum", "weight_decay", "l1", "power"):
+        v = s[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise SparsenetError(f"{where}{key} must be a finite number >= 0, got {v!r}")
+    if s["momentum"] >= 1:
+        raise SparsenetError(f"{where}momentum must be < 1, got {s['momentum']}")
+    if s["lr_policy"] not in POLICIES:
+        raise SparsenetError(f"{where}unknown lr_policy {s['lr_policy']!r} (choose from {', '.join(POLICIES)})")
+    g = s["gamma"]
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0):
+        raise SparsenetError(f"{where}gamma must be a finite number >= 0 (or null for the policy's default), got {g!r}")
+    v = s["step_size"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise SparsenetError(f"{where}step_size must be a whole number >= 1, got {v!r}")
+    return s
 
 
 class SGD:
-    """Momentum SGD over a dict of :class:`sparsenet.layers.Param`.
+    """Momentum SGD over a dict of :class:`sparsenet.param.Param` (settings: module docstring).
 
-    State: ``velocity`` (one array per parameter) and ``iteration`` (t above).
+    Its own state is the iteration count t (:meth:`state_dict` / :meth:`load_state_dict`);
+    the momentum arrays belong to the parameters.
     """
 
-    def __init__(self, params, lr=0.01, momentum=0.9, weight_decay=5e-4, l1=0.0,
-                 policy="inv", gamma=1e-4, power=0.75, step_size=1):
-        for label, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("l1", l1)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise SparsenetError(f"{label} must be a finite number >= 0, got {v!r}")
-        if momentum >= 1:
-            raise SparsenetError(f"momentum must be < 1, got {momentum}")
-        if policy == "step" and step_size < 1:
-            raise SparsenetError(f"step_size must be >= 1, got {step_size}")
-        learning_rate(policy, lr, 0, gamma, power, step_size)  # validates the policy name
+    def __init__(self, params, lr=0.01, momentum=0.9, weight_decay=5e-4, l1=0.0, lr_policy="inv",
+                 gamma=None, power=0.75, step_size=1):
+        self.settings = check_settings({"lr": lr, "lr_policy": lr_policy, "gamma": gamma, "power": power,
+                                        "step_size": step_size, "momentum": momentum,
+                                        "weight_decay": weight_decay, "l1": l1})
         self.params = params
-        self.lr, self.momentum, self.weight_decay, self.l1 = lr, momentum, weight_decay, l1
-        self.policy, self.gamma, self.power, self.step_size = policy, gamma, power, step_size
         self.iteration = 0
-        self.velocity = {k: get_array_module(p.data).zeros_like(p.data) for k, p in params.items()}
-        self._scratch = {k: get_array_module(p.data).empty_like(p.data) for k, p in params.items()}
+
+    @classmethod
+    def from_settings(cls, params, settings):
+        """An optimiser from any dict holding the :data:`SETTINGS` keys (others ignored)."""
+        return cls(params, **{k: settings[k] for k in SETTINGS})
 
     def current_lr(self):
-        return learning_rate(self.policy, self.lr, self.iteration, self.gamma, self.power, self.step_size)
+        s = self.settings
+        return learning_rate(s["lr_policy"], s["lr"], self.iteration, s["gamma"], s["power"], s["step_size"])
 
     def step(self):
         """Apply one update to every parameter that has a gradient; advance t."""
-        lr = self.current_lr()
-        for k, p in self.params.items():
+        s, lr = self.settings, self.current_lr()
+        for p in self.params.values():
             g = p.grad
             if g is None:
                 continue
             xp = get_array_module(p.data)
-            tmp = self._scratch[k]
-            if self.weight_decay and p.decay_mult:
-                xp.multiply(p.data, self.weight_decay * p.decay_mult, out=tmp)
-                g += tmp
-            if self.l1 and p.decay_mult:
-                xp.sign(p.data, out=tmp)
-                tmp *= self.l1 * p.decay_mult
-                g += tmp
-            v = self.velocity[k]
-            v *= self.momentum
+            if s["weight_decay"] and p.decay_mult:
+                g += p.data * (s["weight_decay"] * p.decay_mult)
+            if s["l1"] and p.decay_mult:
+                g += xp.sign(p.data) * (s["l1"] * p.decay_mult)
+            v = p.state.get("momentum")
+            if v is None:
+                v = p.state["momentum"] = xp.zeros_like(p.data)
+            v *= s["momentum"]
             g *= lr * p.lr_mult
             v += g
             p.data -= v
-            p.data *= p.mask
+            if p.prunable:
+                p.zero_pruned()
             p.grad = None
         self.iteration += 1
 
     def state_dict(self):
-        """Hyper-parameters and t (JSON-able) — the velocity arrays are saved separately."""
-        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "l1": self.l1, "policy": self.policy, "gamma": self.gamma, "power": self.power,
-                "step_size": self.step_size, "iteration": self.iteration}
+        """Settings and t (JSON-able)."""
+        return {**self.settings, "iteration": self.iteration}
+
+    def load_state_dict(self, d):
+        """Restore t from :meth:`state_dict`'s output (the settings stay this optimiser's)."""
+        t = d.get("iteration") if isinstance(d, dict) else None
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise SparsenetError(f"optimiser state has no valid iteration count: {d!r}")
+        self.iteration = t

@@ -1,21 +1,16 @@
-"""Pruning connections and neurons (PAPER.md, "The method", steps 2 and 3.5).
+"""Pruning connections (step 2 of the method) and neurons (§3.5), and §3.2's dropout.
 
-Where each part of the paper lives:
+* magnitude pruning — :func:`prune` with the criteria of :data:`CRITERIA`
+  (:func:`quality_mask`, the paper's ``|w| < q·std`` rule; :func:`percentile_mask`;
+  :func:`global_masks`);
+* §3.2 dropout-ratio adjustment — :func:`adjust_dropout`;
+* §3.5 dead neurons — :func:`remove_dead_neurons`.
 
-* step 2, **magnitude pruning** — :func:`prune` with the criteria of :data:`CRITERIA`;
-* §3.1 **regularisation** while retraining — the L1/L2 terms of :class:`sparsenet.optim.SGD`
-  (they act on surviving weights only, see its docstring);
-* §3.2 **dropout-ratio adjustment** — :func:`adjust_dropout`;
-* §3.3 **freezing** layers while retraining others — :meth:`sparsenet.model.Network.freeze`;
-* §3.4 **iterative pruning** — the prune/retrain schedule in :mod:`sparsenet.iterative`;
-* §3.5 **dead neurons** — :func:`remove_dead_neurons`.
-
-Masks are the state. Every prunable parameter (the weights of FC and conv layers; biases
-are never pruned) carries ``mask`` (1 = kept). A prune event only ever turns ones into
-zeros, then zeroes the weights *and the momentum* at the newly pruned positions, so the
-invariant ``W == W ⊙ M`` holds and nothing can push a pruned weight back (the layer masks
-its weight gradient, the optimiser re-masks after every step). A mask is never derived
-from ``W == 0``: a surviving weight may pass through zero and stays a survivor.
+The functions here only *choose* which connections go; the rule that a pruned
+connection is exactly 0 and never comes back is kept by :class:`sparsenet.param.Param`
+(:meth:`~sparsenet.param.Param.prune`, :meth:`~sparsenet.param.Param.take`). Criteria
+read the mask, never ``W == 0``: a surviving weight may pass through zero and stays a
+connection. Pruning targets and densities are fractions of the original (dense) layer.
 """
 import math
 
@@ -81,22 +76,25 @@ def quality_mask(W, M, quality):
     return M * (xp.abs(W) >= threshold)
 
 
-def percentile_mask(W, M, sparsity):
+def percentile_mask(W, M, sparsity, size=None):
     """Per-layer target: prune the smallest-magnitude survivors until a fraction
     ``sparsity`` of the layer's weights (counting earlier prunes) is pruned.
 
-    A layer already at least that sparse is left as it is (masks never grow).
+    ``size`` is the weight count the fraction is of: the layer's original (dense) size
+    when dead-neuron removal has shrunk it (:func:`prune` passes ``net.origin``'s), else
+    ``M.size``. A layer already at least that sparse is left as it is (masks never grow).
     """
     if not 0.0 <= sparsity <= 1.0:
         raise SparsenetError(f"target sparsity must be in [0, 1], got {sparsity}")
-    return _keep_largest(W, M, int(round((1.0 - sparsity) * M.size)))
+    return _keep_largest(W, M, int(round((1.0 - sparsity) * (M.size if size is None else size))))
 
 
-def global_masks(params, sparsity):
+def global_masks(params, sparsity, size=None):
     """One magnitude threshold over all the given parameters: the smallest survivors are
-    pruned until a fraction ``sparsity`` of all their weights is pruned.
+    pruned until a fraction ``sparsity`` of all their weights (``size`` of them: the
+    original count, by default their current one) is pruned.
 
-    ``params`` maps names to :class:`~sparsenet.layers.Param`; returns names -> new mask.
+    ``params`` maps names to :class:`~sparsenet.param.Param`; returns names -> new mask.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise SparsenetError(f"target sparsity must be in [0, 1], got {sparsity}")
@@ -106,7 +104,7 @@ def global_masks(params, sparsity):
     names = list(params)
     W = xp.concatenate([params[n].data.ravel() for n in names])
     M = xp.concatenate([params[n].mask.ravel() for n in names])
-    new = _keep_largest(W, M, int(round((1.0 - sparsity) * M.size)))
+    new = _keep_largest(W, M, int(round((1.0 - sparsity) * (M.size if size is None else size))))
     out, start = {}, 0
     for n in names:
         size = params[n].mask.size
@@ -116,39 +114,67 @@ def global_masks(params, sparsity):
 
 
 # ----------------------------------------------------------------------------- pruning
-def prune(net, criterion="quality", amount=1.0, velocity=None):
+def check_amount(net, criterion, amount):
+    """Validate a criterion and its amount for ``net`` before anything is pruned: the
+    target sparsity of ``global`` (one number in [0, 1]), or per-layer values
+    (:func:`layer_amounts`; q >= 0 for ``quality``, sparsities in [0, 1] for
+    ``percentile``). Returns the resolved amount."""
+    if criterion not in CRITERIA:
+        raise SparsenetError(f"unknown pruning criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
+    if criterion == "global":
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount <= 1:
+            raise SparsenetError(f"the global criterion takes one target sparsity in [0, 1], got {amount!r}")
+        return float(amount)
+    amounts = layer_amounts(net, amount)
+    for name, a in amounts.items():
+        if not (0 <= a <= 1 if criterion == "percentile" else a >= 0):
+            raise SparsenetError(f"{criterion} amount for {name.rsplit('.', 1)[0]} must be "
+                                 f"{'in [0, 1]' if criterion == 'percentile' else '>= 0'}, got {a}")
+    return amounts
+
+
+def prune(net, criterion="quality", amount=1.0, relative_to="original"):
     """Prune ``net`` in place; return ``{"fc1.W": (survivors before, after), ...}``.
 
     criterion ``quality``: amount = q per layer, threshold q·std (the paper's rule);
-    ``percentile``: amount = target sparsity per layer (fraction of the layer pruned);
-    ``global``: amount = target sparsity over all prunable weights, one threshold.
-    ``amount`` may be a dict of layer names (with an optional ``"default"``) for
-    per-layer settings; ``global`` takes a single number.
+    ``percentile``: amount = target sparsity per layer; ``global``: amount = target
+    sparsity over all prunable weights, one threshold. ``amount`` may be a dict of layer
+    names (with an optional ``"default"``) for per-layer settings; ``global`` takes a
+    single number. Targets are fractions of the *original* (dense) layers, as the
+    paper's tables give them, also after dead-neuron removal has shrunk the layers;
+    ``relative_to="current"`` measures them against the layers as they are now.
 
-    After the new masks are set: ``W ← W ⊙ M`` and, when the optimiser's ``velocity``
-    dict is given, ``V ← V ⊙ M`` — momentum at a pruned position would otherwise keep
-    moving the weight for a step.
+    Each new mask goes to :meth:`Param.prune`, which zeroes the weights and the
+    optimiser state (momentum) at the newly pruned positions.
     """
-    if criterion not in CRITERIA:
-        raise SparsenetError(f"unknown pruning criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
+    amounts = check_amount(net, criterion, amount)
+    if relative_to not in ("original", "current"):
+        raise SparsenetError(f"relative_to must be 'original' or 'current', got {relative_to!r}")
     params = net.params()
+
+    def size(name):
+        return (net.origin.get(name.rsplit(".", 1)[0], {}).get("weights", params[name].size)
+                if relative_to == "original" else params[name].size)
+
     if criterion == "global":
-        if isinstance(amount, dict):
-            raise SparsenetError("the global criterion takes one target sparsity, not per-layer values")
-        new = global_masks({n: p for n, p in params.items() if p.prunable}, float(amount))
+        prunable = {n: p for n, p in params.items() if p.prunable}
+        new = global_masks(prunable, amounts, sum(size(n) for n in prunable))
+    elif criterion == "percentile":
+        new = {n: percentile_mask(params[n].data, params[n].mask, a, size(n)) for n, a in amounts.items()}
     else:
-        rule = quality_mask if criterion == "quality" else percentile_mask
-        new = {n: rule(params[n].data, params[n].mask, a) for n, a in layer_amounts(net, amount).items()}
-    stats = {}
-    for name, M in new.items():
-        p = params[name]
-        before = p.nonzero()
-        p.mask = M * p.mask  # masks only lose entries
-        p.data *= p.mask
-        if velocity is not None and name in velocity:
-            velocity[name] *= p.mask
-        stats[name] = (before, p.nonzero())
-    return stats
+        new = {n: quality_mask(params[n].data, params[n].mask, a) for n, a in amounts.items()}
+    return {name: params[name].prune(M) for name, M in new.items()}
+
+
+def prune_at_random(net, density, seed=0):
+    """Prune every prunable weight at random, keeping a ``density[layer]`` fraction of it
+    (a baseline, and pruned networks of given densities for tests and benchmarks without
+    training them). Returns ``net``."""
+    rng = numpy.random.default_rng(seed)
+    for name, p in net.params().items():
+        if p.prunable:
+            p.prune(net.xp.asarray(rng.random(p.data.shape) < density[name.split(".")[0]]))
+    return net
 
 
 def densities(net):
@@ -200,22 +226,6 @@ def _inputs_of(W, n_units, flat):
     return W.reshape(W.shape[0], n_units, 1)
 
 
-def _take_units(a, keep, n_units=None, flat=None):
-    """``a`` (a layer's W, b, mask or velocity) with only the kept units (rows/filters)."""
-    return get_array_module(a).ascontiguousarray(a[keep])
-
-
-def _take_inputs(a, keep, n_units, flat):
-    """``a`` (next layer's W, mask or velocity) with only the inputs of kept units."""
-    xp = get_array_module(a)
-    if a.ndim == 4:
-        return xp.ascontiguousarray(a[..., keep])
-    if flat:
-        cols = xp.arange(a.shape[1]).reshape(-1, n_units)[:, keep].ravel()
-        return xp.ascontiguousarray(a[:, cols])
-    return xp.ascontiguousarray(a[:, keep])
-
-
 def _pairs(net):
     """Consecutive parametric layers (A, B, layers between) with only unit-wise layers between."""
     out, prev, between = [], None, []
@@ -237,7 +247,7 @@ def _constant_through(c, between):
     return c  # max-pool, flatten and (inference) dropout pass constants through
 
 
-def remove_dead_neurons(net, *states):
+def remove_dead_neurons(net):
     """§3.5: remove the units left with no incoming or no outgoing connection.
 
     For consecutive parametric layers A → (ReLU / max-pool / flatten / dropout) → B, a
@@ -251,13 +261,12 @@ def remove_dead_neurons(net, *states):
       ``c_j ≠ 0`` feeding a padded conv is kept;
     * or all its outgoing weights (B's inputs from j) are pruned: it affects nothing.
 
-    Removing it deletes A's row/filter j (weight, bias, masks, momentum) and B's inputs
-    from j, so the layers physically shrink and the network's outputs do not change.
-    Removal can leave other units dead, so it repeats until nothing changes. The
-    output layer's units and the network's inputs are never removed, and every layer
-    keeps at least one unit. Each of ``states`` — dicts of per-parameter arrays keyed
-    like ``net.params()``, e.g. the optimiser's momentum — is sliced to match, in
-    place. Returns ``{layer name: units removed}``.
+    Removing it deletes A's row/filter j and B's inputs from j (:meth:`Param.take`:
+    weight, mask, momentum together), so the layers physically shrink and the network's
+    outputs do not change. Removal can leave other units dead, so it repeats until
+    nothing changes. The output layer's units and the network's inputs are never
+    removed, and every layer keeps at least one unit. Returns ``{layer name: units
+    removed}``.
     """
     removed = {}
     changed = True
@@ -284,12 +293,12 @@ def remove_dead_neurons(net, *states):
             if bool(fold.any()):
                 bB.data += (_inputs_of(WB.data, n, flat).sum(axis=2) * (c * fold)).sum(axis=1)
             keep = xp.flatnonzero(~dead)
-            for name, P, take in ((f"{A.name}.W", WA, _take_units), (f"{A.name}.b", bA, _take_units),
-                                  (f"{B.name}.W", WB, _take_inputs)):
-                P.data, P.mask, P.grad = take(P.data, keep, n, flat), take(P.mask, keep, n, flat), None
-                for state in states:
-                    if name in state:
-                        state[name] = take(state[name], keep, n, flat)
+            WA.take(keep, 0)
+            bA.take(keep, 0)
+            if WB.data.ndim == 4:  # conv (F, kh, kw, C): channels
+                WB.take(keep, 3)
+            else:  # linear: columns j, or j, j + C, j + 2C, … after a flatten (NHWC order)
+                WB.take(xp.arange(WB.data.shape[1]).reshape(-1, n)[:, keep].ravel() if flat else keep, 1)
             removed[A.name] = removed.get(A.name, 0) + int(n - keep.size)
             changed = True
     return removed
@@ -300,15 +309,10 @@ def prunable_layers(net):
     return [l.name for l in net.layers if "W" in l.params and l.params["W"].prunable]
 
 
-def check_masks(net, velocity=None):
-    """Raise if the pruning invariant is broken: masks 0/1, W (and V) zero where pruned."""
+def check_masks(net):
+    """Raise :class:`SparsenetError` naming the parameter if the pruning rule is broken."""
     for name, p in net.params().items():
-        xp = get_array_module(p.data)
-        if not bool(xp.all((p.mask == 0) | (p.mask == 1))):
-            raise SparsenetError(f"{name}: mask holds values other than 0 and 1")
-        pruned = p.mask == 0
-        if bool(xp.any(p.data[pruned] != 0)):
-            raise SparsenetError(f"{name}: non-zero weight at a pruned position")
-        if velocity is not None and name in velocity and bool(xp.any(velocity[name][pruned] != 0)):
-            raise SparsenetError(f"{name}: non-zero momentum at a pruned position")
-
+        try:
+            p.check()
+        except SparsenetError as e:
+            raise SparsenetError(f"{name}: {e}") from None

@@ -1,26 +1,19 @@
 """Per-layer report (the paper's Tables 2 and 3) and layer sensitivity (its Fig. 6).
 
-Definitions (PAPER.md, "Per-layer results"); one row per parametric layer (linear, conv):
+One row per parametric layer (linear, conv); docs/paper.md, "Results", says how the
+columns compare with the paper's (:data:`sparsenet.paper.LAYERS`, printed beside ours):
 
-* ``weights`` — the layer's weights in the dense network it was pruned from
-  (``net.origin``); ``FLOP = 2 · MACs`` per sample of that dense layer (fc1 of
-  LeNet-300-100: 235,200 weights, 470,400 FLOP). Layers shrunk by dead-neuron removal
-  are always measured against this origin.
-* ``act%`` — share of non-zero values in the activation the layer hands on: its output
-  *after the unit-wise layers that follow it* (ReLU, max-pool, dropout = identity at
-  inference, flatten) up to the next parametric layer, i.e. exactly the input that
-  layer sees; for the last layer its output (the logits). Counted exactly over the whole
-  test set: ``act = Σ non-zeros / Σ entries``. Units removed as dead count as zero
-  activations (they are never computed): the entries are those of the origin layer,
-  ``entries = entries now · units_origin / units_now``. Measuring conv layers after
-  pooling is what reproduces the paper's LeNet-5 total act% of 77%.
+* ``weights``, ``FLOP = 2 · MACs`` per sample — of the layer in the dense network it was
+  pruned from (``net.origin``): layers shrunk by dead-neuron removal are measured
+  against their origin, always.
+* ``act%`` — non-zero share of the activation the layer hands on (after the unit-wise
+  layers that follow it: ReLU, max-pool, dropout = identity, flatten), i.e. the next
+  parametric layer's input; for the last layer its logits. Exact over the test set;
+  removed units count as zeros (``entries = entries now · units_origin / units_now``).
 * ``weights% left`` — surviving (mask-one) weights / origin weights.
 * ``FLOP% left`` — multiplications whose weight survives *and* whose input is non-zero,
-  summed over the test set, divided by ``origin MACs · N``. The network's input (the
-  image) is taken as dense — every pixel counts as non-zero — as the paper's tables do
-  (LeNet-300-100 fc1: 8% weights, 8% FLOP), so later layers get ``FLOP% ≈ weights% ×
-  previous act%``. Zero padding of a convolution counts as zero input, also for the
-  first layer.
+  summed over the test set, / ``origin MACs · N``. The image counts as dense (every
+  pixel non-zero, as in the paper), zero padding as zero input.
 
 With the input indicator ``z = [a ≠ 0]`` and mask ``M`` the count is exact and, being
 bilinear, needs only ``S = Σ_n z[n]`` (non-zeros per input entry over the test set)::
@@ -28,14 +21,11 @@ bilinear, needs only ``S = Σ_n z[n]`` (non-zeros per input entry over the test 
     linear, M (out, in):           Σ_n Σ (z[n] Mᵀ)         = Σ_i S[i] · Σ_o M[o, i]
     conv,   M (F, kh, kw, C):      Σ_{n,p,q} im2col(z) M₂ᵀ = Σ_{i,j,c} Σ_{p,q} S_pad[s·p+i, s·q+j, c] · Σ_f M[f, i, j, c]
 
-Totals: weights and FLOP summed; ``act`` = all non-zero activations / all activations
-(LeNet-300-100 in the paper: (300·.38 + 100·.65 + 10·1)/410 = 46%); ``weights% left``
-and ``FLOP% left`` = sums of survivors / sums of origin. ``params`` (incl. biases, origin)
-and ``nonzero_params`` (mask ones, incl. biases) give the compression ``params /
-nonzero_params`` of the paper's "params include biases".
-
-Sensitivity prunes one layer at a time to a sweep of ratios without retraining and
-records the test error; the network is restored bitwise afterwards.
+Totals: weights and FLOP summed, ``act`` = all non-zero activations / all activations,
+``weights% left`` and ``FLOP% left`` = survivors / origin; compression = ``params /
+nonzero_params``, both with biases. Sensitivity prunes one layer at a time to a sweep of
+ratios without retraining; the network is restored bitwise afterwards. Figures:
+:mod:`sparsenet.figures`.
 """
 import json
 import math
@@ -44,28 +34,13 @@ from pathlib import Path
 import numpy
 
 from . import layers as L
-from .backend import get_array_module
+from .backend import array_module, get_array_module
+from .checkpoint import load_checkpoint
+from .data import load_split
+from .figures import plot_sensitivity
+from .paper import LAYERS
 from .pruning import percentile_mask, prunable_layers
-from .util import SparsenetError, atomic_path, write_text_atomic
-
-# The paper's per-layer rows (fractions), printed beside ours in the Markdown report.
-PAPER = {
-    "lenet-300-100": {
-        "source": "Han et al. 2015, Table 2 (LeNet-300-100)",
-        "rows": {"fc1": {"act": .38, "weights_left": .08, "flop_left": .08},
-                 "fc2": {"act": .65, "weights_left": .09, "flop_left": .04},
-                 "fc3": {"act": 1.0, "weights_left": .26, "flop_left": .17},
-                 "total": {"act": .46, "weights_left": .08, "flop_left": .08}},
-    },
-    "lenet-5": {
-        "source": "Han et al. 2015, Table 3 (LeNet-5)",
-        "rows": {"conv1": {"act": .82, "weights_left": .66, "flop_left": .66},
-                 "conv2": {"act": .72, "weights_left": .12, "flop_left": .10},
-                 "fc1": {"act": .55, "weights_left": .08, "flop_left": .06},
-                 "fc2": {"act": 1.0, "weights_left": .19, "flop_left": .10},
-                 "total": {"act": .77, "weights_left": .08, "flop_left": .16}},
-    },
-}
+from .util import SparsenetError, write_text_atomic
 
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0, 0.05, ..., 0.95
 
@@ -187,9 +162,10 @@ def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=1000):
     For every layer in ``layers`` (default: all prunable) and every ratio r, the layer
     alone gets ``percentile_mask(W, M, r)``: a fraction r of its current weights pruned,
     counting those already pruned (so r below its sparsity changes nothing). The layer's
-    input is computed once per layer and only the rest of the network is re-run. The
-    layer's weight and mask arrays are put back afterwards (the very same arrays, so
-    the network is unchanged bitwise).
+    input is computed once per layer and only the rest of the network is re-run. Only
+    the layer's value is swapped for the trial ``W ⊙ M`` (inference reads no mask; the
+    mask itself is never touched) and the very same array is put back afterwards, so
+    the network is unchanged bitwise.
 
     Returns ``{"ratios": [...], "layers": {name: [error per ratio]}, "baseline": error,
     "samples": N, "model": name}``; errors are fractions.
@@ -210,52 +186,26 @@ def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=1000):
         i = next(k for k, l in enumerate(net.layers) if l.name == name)
         h = _batched(net.layers[:i], x, batch_size, lambda a, s: a)  # the layer's input, once
         p = net.layers[i].params["W"]
-        W0, M0, n0, errors = p.data, p.mask, p.nonzero(), []
+        W0, n0, errors = p.data, p.nonzero(), []
         try:
             for r in ratios:
-                M = percentile_mask(W0, M0, r)
+                M = percentile_mask(W0, p.mask, r)
                 if int(get_array_module(M).count_nonzero(M)) == n0:
                     errors.append(baseline)  # nothing pruned: the network as it is
                     continue
-                p.data, p.mask = W0 * M, M
+                p.data = W0 * M
                 wrong = _batched(net.layers[i:], h, batch_size,
                                  lambda a, s: (a.argmax(axis=1) != t[s:s + batch_size]).sum()[None])
                 errors.append(int(wrong.sum()) / len(x))
         finally:
-            p.data, p.mask = W0, M0
+            p.data = W0
         result["layers"][name] = errors
     return result
 
 
-def plot_sensitivity(result, path):
-    """Fig. 6-style PNG: test error against the fraction of a layer's weights pruned.
-
-    Written atomically to ``path``; returns False (writing nothing) without matplotlib.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, errors in result["layers"].items():
-        ax.plot(result["ratios"], [100 * e for e in errors], marker="o", ms=3, label=name)
-    ax.axhline(100 * result["baseline"], color="gray", ls="--", lw=1, label="unpruned")
-    ax.set_xlabel("fraction of the layer's parameters pruned")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(f"{result.get('model') or 'network'}: one layer pruned, no retraining")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return True
-
-
 # ----------------------------------------------------------------------------- formatting
-def _pct(v, digits=1):
+def pct(v, digits=1):
+    """A fraction as a percentage string (\"-\" for None)."""
     return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
@@ -265,7 +215,8 @@ def _text_table(header, rows):
     return "\n".join(fmt.format(*map(str, r)) for r in [header, *rows])
 
 
-def _md_table(header, rows):
+def md_table(header, rows):
+    """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
@@ -274,8 +225,8 @@ _COLUMNS = ["layer", "weights", "FLOP", "act%", "weights% left", "FLOP% left"]
 
 
 def _report_rows(report):
-    return [[r["name"], f"{r['weights']:,}", f"{r['flop']:,}", _pct(r["act"]), _pct(r["weights_left"]),
-             _pct(r["flop_left"])] for r in [*report["layers"], report["total"]]]
+    return [[r["name"], f"{r['weights']:,}", f"{r['flop']:,}", pct(r["act"]), pct(r["weights_left"]),
+             pct(r["flop_left"])] for r in [*report["layers"], report["total"]]]
 
 
 def _summary_line(report):
@@ -283,7 +234,7 @@ def _summary_line(report):
     line = (f"params (incl. biases) {report['params']:,} -> {report['nonzero_params']:,} non-zero"
             f" ({comp:.1f}x compression)" if comp else f"params {report['params']:,}, none left")
     if report.get("error") is not None:
-        line += f"; test error {_pct(report['error'], 2)}"
+        line += f"; test error {pct(report['error'], 2)}"
     return line + f" on {report['samples']:,} images"
 
 
@@ -293,18 +244,18 @@ def format_table(report):
 
 
 def format_markdown(report, paper=None):
-    """Markdown table of :func:`layer_report`; ``paper`` (an entry of :data:`PAPER`) adds
-    the paper's act%, weights% left and FLOP% left beside ours, row by row."""
+    """Markdown table of :func:`layer_report`; ``paper`` (an entry of :data:`sparsenet.paper.LAYERS`)
+    adds the paper's act%, weights% left and FLOP% left beside ours, row by row."""
     header, rows = list(_COLUMNS), _report_rows(report)
     if paper:
         header += ["paper act%", "paper weights% left", "paper FLOP% left"]
         for r in rows:
             p = paper["rows"].get(r[0], {})
-            r += [_pct(p.get("act")), _pct(p.get("weights_left")), _pct(p.get("flop_left"))]
+            r += [pct(p.get("act")), pct(p.get("weights_left")), pct(p.get("flop_left"))]
     title = f"# Per-layer report: {report.get('model') or 'network'}"
     if report.get("checkpoint"):
         title += f" (`{report['checkpoint']}`)"
-    notes = [title, "", _summary_line(report) + ".", "", _md_table(header, rows), ""]
+    notes = [title, "", _summary_line(report) + ".", "", md_table(header, rows), ""]
     if paper:
         notes += [f"Columns \"paper …\": {paper['source']}, as published (their network, not this one).", ""]
     notes += [("act%: non-zero share of the activation each layer hands on (after ReLU/pooling), over the "
@@ -313,57 +264,54 @@ def format_markdown(report, paper=None):
     return "\n".join(notes)
 
 
+def sensitivity_table(result):
+    """Header and rows of :func:`sensitivity`'s table: one row per ratio, test error per layer."""
+    return (["pruned", *result["layers"]],
+            [[f"{r:.2f}", *(pct(e[k], 2) for e in result["layers"].values())] for k, r in enumerate(result["ratios"])])
+
+
 def format_sensitivity(result, markdown=False):
-    """Table of :func:`sensitivity`: one row per ratio, test error per layer."""
-    names = list(result["layers"])
-    rows = [[f"{r:.2f}", *(_pct(result["layers"][n][k], 2) for n in names)] for k, r in enumerate(result["ratios"])]
-    header = ["pruned", *names]
-    base = f"unpruned test error {_pct(result['baseline'], 2)} on {result['samples']:,} images"
+    """Table of :func:`sensitivity` (:func:`sensitivity_table`) with its baseline."""
+    header, rows = sensitivity_table(result)
+    base = f"unpruned test error {pct(result['baseline'], 2)} on {result['samples']:,} images"
     if markdown:
         return (f"# Sensitivity: {result.get('model') or 'network'}, one layer pruned at a time, no retraining\n\n"
-                f"{_md_table(header, rows)}\n\n\"pruned\": fraction of the layer's weights pruned (counting "
+                f"{md_table(header, rows)}\n\n\"pruned\": fraction of the layer's weights pruned (counting "
                 f"those pruned already); {base}.\n")
     return _text_table(header, rows) + "\n" + base
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _load(checkpoint, data_dir, device):
-    from .backend import array_module
-    from .checkpoint import load_checkpoint
-    from .train import load_split
-
+def _load(checkpoint, out, data_dir, device):
+    """The checkpoint's net, its record head, its dataset's test split and the output folder."""
     xp = array_module(device)
     ck = load_checkpoint(checkpoint, xp)
     dataset = ck.config.get("dataset", "mnist")
     x, t = load_split(dataset, ck.net.input_shape, xp, data_dir, split="test")["test"]
-    return ck.net, dataset, x, t
+    out = Path(out) if out is not None else Path(checkpoint).parent
+    return ck.net, {"checkpoint": str(checkpoint), "dataset": dataset}, x, t, out
 
 
-def _out_dir(checkpoint, out):
-    return Path(out) if out is not None else Path(checkpoint).parent
+def _write(out, stem, record, markdown):
+    record["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md"), *record.get("files", [])]
+    write_text_atomic(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / f"{stem}.md", markdown)
+    return record
 
 
 def report_checkpoint(checkpoint, out=None, data_dir=None, device=None):
     """:func:`layer_report` of a checkpoint on its dataset's test split; writes
     ``report.json`` and ``report.md`` into ``out`` (default: the checkpoint's folder)."""
-    net, dataset, x, t = _load(checkpoint, data_dir, device)
-    rep = {"checkpoint": str(checkpoint), "dataset": dataset, **layer_report(net, x, t=t)}
-    out = _out_dir(checkpoint, out)
-    rep["files"] = [str(out / "report.json"), str(out / "report.md")]
-    write_text_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
-    write_text_atomic(out / "report.md", format_markdown(rep, PAPER.get(net.name)))
-    return rep
+    net, head, x, t, out = _load(checkpoint, out, data_dir, device)
+    rep = {**head, **layer_report(net, x, t=t)}
+    return _write(out, "report", rep, format_markdown(rep, LAYERS.get(net.name)))
 
 
 def sensitivity_checkpoint(checkpoint, out=None, ratios=DEFAULT_RATIOS, layers=None, data_dir=None, device=None):
     """:func:`sensitivity` of a checkpoint; writes ``sensitivity.json``, ``sensitivity.md``
     and, with matplotlib, ``sensitivity.png`` into ``out`` (default: the checkpoint's folder)."""
-    net, dataset, x, t = _load(checkpoint, data_dir, device)
-    res = {"checkpoint": str(checkpoint), "dataset": dataset, **sensitivity(net, x, t, ratios, layers)}
-    out = _out_dir(checkpoint, out)
-    res["files"] = [str(out / "sensitivity.json"), str(out / "sensitivity.md")]
+    net, head, x, t, out = _load(checkpoint, out, data_dir, device)
+    res = {**head, **sensitivity(net, x, t, ratios, layers)}
     if plot_sensitivity(res, out / "sensitivity.png"):
-        res["files"].append(str(out / "sensitivity.png"))
-    write_text_atomic(out / "sensitivity.json", json.dumps(res, indent=2) + "\n")
-    write_text_atomic(out / "sensitivity.md", format_sensitivity(res, markdown=True))
-    return res
+        res["files"] = [str(out / "sensitivity.png")]
+    return _write(out, "sensitivity", res, format_sensitivity(res, markdown=True))

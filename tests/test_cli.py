@@ -62,3 +62,69 @@ def test_train_then_eval_json(tmp_path):
     assert 0.0 < d["test_error"] < 0.25 and d["params"] == 266610 and d["nonzero_params"] == 266610
     r = run("summary", str(out / "checkpoint.h5"), "--json")
     assert json.loads(r.stdout)["params"] == 266610
+
+
+def _one_line_error(r, needle=""):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sparsenet: error:") and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args", [("train",), ("train", "--out", "x", "--lr", "fast"), ("nonsense",),
+                                  ("prune", "--criterion", "magic", "--out", "x")])
+def test_argument_errors_are_one_line(args):
+    _one_line_error(run(*args))
+
+
+def test_version():
+    from sparsenet import __version__
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"sparsenet {__version__}"
+
+
+def test_eval_of_a_run_folder_points_at_its_checkpoint(tmp_path):
+    _one_line_error(run("eval", str(tmp_path)), str(tmp_path / "checkpoint.h5"))
+
+
+BAD_NETWORKS = {
+    "image input to an MLP": lambda s: s.update(input_shape=[28, 28, 1]),
+    "sizes that do not chain": lambda s: s["layers"][2].update(n_in=7),
+    "a layer of 1e8 x 1e8": lambda s: (s.update(input_shape=[10**8]), s["layers"][0].update(n_in=10**8, n_out=10**8)),
+    "no layers": lambda s: s["layers"].clear(),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BAD_NETWORKS))
+def test_a_checkpoint_that_is_wrong_as_a_network_is_one_line_everywhere(fault, tmp_path):
+    """Its arrays may be self-consistent; every command refuses it in one line and writes nothing."""
+    import h5py
+
+    from sparsenet.checkpoint import save_checkpoint
+    from sparsenet.model import build_network
+
+    spec = {"name": "tiny", "input_shape": [784], "layers": [
+        {"kind": "linear", "name": "fc1", "n_in": 784, "n_out": 5}, {"kind": "relu", "name": "r"},
+        {"kind": "linear", "name": "fc2", "n_in": 5, "n_out": 10}]}
+    ck = tmp_path / "ck.h5"
+    save_checkpoint(ck, build_network(spec), config={"dataset": "mnist"})
+    BAD_NETWORKS[fault](spec)
+    with h5py.File(ck, "r+") as f:
+        f.attrs["network"] = json.dumps(spec)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args in (("eval", ck), ("summary", ck), ("report", ck), ("sensitivity", ck), ("predict", ck),
+                 ("export", ck, tmp_path / "m.h5"), ("export", ck, "--report"), ("prune", ck, "--out", tmp_path / "p")):
+        _one_line_error(run(*map(str, args)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+    from sparsenet.checkpoint import save_checkpoint
+    from sparsenet.model import build_model
+
+    save_checkpoint(tmp_path / "ck.h5", build_model("lenet-300-100"))
+    (tmp_path / "m.h5").write_bytes(b"keep me")
+    _one_line_error(run("export", str(tmp_path / "ck.h5"), str(tmp_path / "m.h5")), "--force")
+    assert (tmp_path / "m.h5").read_bytes() == b"keep me"
+    assert run("export", str(tmp_path / "ck.h5"), str(tmp_path / "m.h5"), "--force").returncode == 0
+    assert (tmp_path / "m.h5").read_bytes() != b"keep me"

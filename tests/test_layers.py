@@ -1,8 +1,11 @@
 """Finite-difference checks of every hand-derived backward pass in sparsenet.layers.
 
 Each backward is compared, in float64, with central differences of the scalar loss
-``L = sum(y * R)`` for a fixed random ``R`` (so ``gy = R``). Every test runs once per
-array module (``xp`` fixture: numpy, and cupy when a GPU is present).
+``L = sum(y * R)`` for a fixed random ``R`` (so ``gy = R``). The pure functions checked
+here are the plain ones of sparsenet.layers; the layer classes, which run the tuned
+kernels of sparsenet.fast_layers, are checked end to end in ``test_layer_classes_gradients``
+(and the two families against each other in test_fast_layers.py). Every test runs once
+per array module (``xp`` fixture: numpy, and cupy when a GPU is present).
 """
 import itertools
 import math
@@ -114,6 +117,23 @@ def test_im2col_fixed_cases(xp, shape, k, stride, pad):
     x = np.arange(math.prod(shape), dtype=np.float64).reshape(shape) + 1.0  # distinct, none 0
     cols = L.im2col(xp.asarray(x), k, k, stride, pad)
     np.testing.assert_array_equal(asnumpy(cols), naive_im2col(x, k, k, stride, pad))
+
+
+@given(
+    n=st.integers(1, 2), h=st.integers(1, 7), w=st.integers(1, 7), c=st.integers(1, 3),
+    k=st.integers(1, 4), stride=st.integers(1, 3), pad=st.integers(0, 2), seed=SEEDS,
+)
+def test_col2im_is_adjoint_of_im2col(xp, n, h, w, c, k, stride, pad, seed):
+    # <im2col(x), R> = <x, col2im(R)> for all x, R: col2im is im2col's transpose
+    assume(h + 2 * pad >= k and w + 2 * pad >= k)
+    rng = np.random.default_rng(seed)
+    x = randn(xp, rng, n, h, w, c)
+    cols = L.im2col(x, k, k, stride, pad)
+    R = randn(xp, rng, *cols.shape)
+    back = L.col2im(R, x.shape, stride, pad)
+    assert back.shape == x.shape
+    assert_grad(back, numerical_grad(lambda: xp.sum(L.im2col(x, k, k, stride, pad) * R), x))
+    np.testing.assert_allclose(float(xp.sum(cols * R)), float(xp.sum(x * back)), rtol=1e-12, atol=1e-12)
 
 
 conv_shapes = dict(
@@ -276,6 +296,43 @@ def test_maxpool_ties_go_to_first(xp, k, stride):
 def test_maxpool_window_larger_than_input(xp):
     with pytest.raises(ValueError):
         L.maxpool2d_forward(xp.zeros((1, 2, 5, 1)), 3, 1)
+
+
+# ----------------------------------------------------------------------------- classes
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layer_classes_gradients(xp, seed):
+    """A small net of the layer classes (fast kernels), float64, masks pruned: every
+    parameter gradient and the input gradient against finite differences."""
+    rng = np.random.default_rng(seed)
+    net = [
+        L.Conv2d("conv1", 1, 3, 3, stride=1, pad=1, rng=rng, xp=xp), L.ReLU("relu1"), L.MaxPool2d("pool1", 2),
+        L.Conv2d("conv2", 3, 4, 2, stride=2, pad=0, rng=rng, xp=xp), L.MaxPool2d("pool2", 3, 2),
+        L.Flatten("flatten"), L.Linear("fc1", 4, 5, rng=rng, xp=xp), L.ReLU("relu2"),
+        L.Linear("fc2", 5, 3, rng=rng, xp=xp),
+    ]
+    params = {f"{layer.name}.{k}": p for layer in net for k, p in layer.params.items()}
+    for p in params.values():
+        p.cast(np.float64)
+        if p.prunable:
+            p.prune(xp.asarray(rng.random(p.data.shape) < 0.7))
+    x = randn(xp, rng, 2, 14, 14, 1)  # 14 -> conv1 14 -> pool1 7 -> conv2 3 -> pool2 1
+    R = randn(xp, rng, 2, 3)
+
+    def f():
+        h = x
+        for layer in net:
+            h = layer.forward(h, train=True)
+        return xp.sum(h * R)
+
+    f()
+    g = R
+    for layer in reversed(net):
+        g = layer.backward(g)
+    assert_grad(g, numerical_grad(f, x))
+    for name, p in params.items():
+        num = numerical_grad(f, p.data) * asnumpy(p.mask)
+        assert p.grad.dtype == np.float64, name
+        assert_grad(p.grad, num)
 
 
 # ----------------------------------------------------------------------------- relu

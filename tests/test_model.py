@@ -131,8 +131,7 @@ def float64_net(xp, input_shape, layer_specs, seed, n):
     net = build_network({"name": "tiny", "input_shape": list(input_shape), "layers": layer_specs}, seed=seed, xp=xp)
     rng = np.random.default_rng(seed + 1000)
     for key, p in net.params().items():
-        p.data = p.data.astype(xp.float64)
-        p.mask = p.mask.astype(xp.float64)
+        p.cast(xp.float64)
         if key.endswith(".b"):
             p.data = xp.asarray(rng.uniform(-0.5, 0.5, p.data.shape))
     x = xp.asarray(rng.standard_normal((n, *input_shape)))
@@ -201,10 +200,9 @@ def test_network_gradient_masked(xp, layers, shape):
     rng = np.random.default_rng(5)
     for key, p in net.params().items():
         if p.prunable:
-            m = (rng.random(p.data.shape) < 0.6).astype(np.float64)
-            m.reshape(-1)[0] = 0.0
-            p.mask = xp.asarray(m)
-            p.data = p.data * p.mask
+            m = rng.random(p.data.shape) < 0.6
+            m.reshape(-1)[0] = False
+            p.prune(xp.asarray(m))
     assert net.count_nonzero() < net.count_params()
     check_network_gradients(net, x, t, xp)
 
@@ -228,10 +226,13 @@ def test_training_step_keeps_float32_and_row_major_state(xp, name):
     """A training step (float32 data) creates no float64 array, and every gradient is
     row-major like its parameter, so the optimiser's in-place updates never mix layouts
     (whatever layouts the layers chose for activations)."""
-    from sparsenet.train import TrainConfig, make_optimizer
+    import dataclasses
+
+    from sparsenet.engine import TrainConfig
+    from sparsenet.optim import SGD
 
     net = build_model(name, xp=xp)
-    opt = make_optimizer(net, TrainConfig(model=name))
+    opt = SGD.from_settings(net.params(), dataclasses.asdict(TrainConfig(model=name)))
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.random((8,) + net.input_shape, dtype=np.float32))
     t = xp.asarray(rng.integers(0, 10, 8))
@@ -242,4 +243,5 @@ def test_training_step_keeps_float32_and_row_major_state(xp, name):
     opt.step()
     for key, p in net.params().items():
         assert p.data.dtype == np.float32 and p.data.flags.c_contiguous, key
-        assert opt.velocity[key].dtype == np.float32 and opt.velocity[key].flags.c_contiguous, key
+        v = p.state["momentum"]
+        assert v.dtype == np.float32 and v.flags.c_contiguous, key

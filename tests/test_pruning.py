@@ -140,8 +140,9 @@ def test_prune_per_layer_settings_default_and_untouched_layers():
 
 @pytest.mark.parametrize("criterion, amount, message", [
     ("quality", {"fc9": 1.0}, "no prunable layer named fc9"),
-    ("quality", -1.0, "quality must be >= 0"),
-    ("percentile", 1.5, "target sparsity must be in [0, 1]"),
+    ("quality", -1.0, "quality amount for fc1 must be >= 0"),
+    ("global", 1.5, "global criterion takes one target sparsity in [0, 1]"),
+    ("percentile", 1.5, "percentile amount for fc1 must be in [0, 1]"),
     ("global", {"fc1": 0.5}, "global criterion takes one target"),
     ("magic", 1.0, "unknown pruning criterion"),
     ("quality", "lots", "must be a number"),
@@ -154,15 +155,17 @@ def test_prune_rejects_bad_settings(criterion, amount, message):
 def test_prune_zeroes_weights_and_momentum_and_keeps_survivors(xp):
     net = build_network(MLP, xp=xp)
     rng = numpy.random.default_rng(1)
-    velocity = {n: xp.asarray(rng.normal(size=p.data.shape).astype(numpy.float32)) for n, p in net.params().items()}
-    before_w, before_v = weights(net), {n: asnumpy(v).copy() for n, v in velocity.items()}
-    P.prune(net, "quality", 0.8, velocity)
-    P.check_masks(net, velocity)
+    for p in net.params().values():
+        p.state["momentum"] = xp.asarray(rng.normal(size=p.data.shape).astype(numpy.float32))
+    before_w = weights(net)
+    before_v = {n: asnumpy(p.state["momentum"]).copy() for n, p in net.params().items()}
+    P.prune(net, "quality", 0.8)  # the momentum is the parameter's: no optimiser argument
+    P.check_masks(net)
     for n, p in net.params().items():
         keep = asnumpy(p.mask) == 1
         numpy.testing.assert_array_equal(asnumpy(p.data)[keep], before_w[n][keep])  # survivors untouched
-        numpy.testing.assert_array_equal(asnumpy(velocity[n])[keep], before_v[n][keep])
-        assert numpy.all(asnumpy(velocity[n])[~keep] == 0)
+        numpy.testing.assert_array_equal(asnumpy(p.state["momentum"])[keep], before_v[n][keep])
+        assert numpy.all(asnumpy(p.state["momentum"])[~keep] == 0)
 
 
 def test_a_survivor_at_exactly_zero_stays_a_survivor():
@@ -181,8 +184,9 @@ def test_dropout_rate_follows_sqrt_of_connection_ratio():
     assert rates == {"drop1": pytest.approx(0.5 * math.sqrt(12 / 48))}
     assert net.layer("drop1").rate == rates["drop1"] and net.layer("drop1").base_rate == 0.5
     # the original connection count survives dead-neuron removal (C_io is the dense count)
-    net.params()["fc2.W"].mask[:, :4] = 0
-    net.params()["fc2.W"].data[:, :4] = 0
+    keep = numpy.ones(net.params()["fc2.W"].data.shape, dtype=bool)
+    keep[:, :4] = False
+    net.params()["fc2.W"].prune(keep)
     P.remove_dead_neurons(net)
     assert net.params()["fc1.W"].data.shape[0] < 8
     assert P.adjust_dropout(net)["drop1"] == pytest.approx(0.5 * math.sqrt(net.params()["fc1.W"].nonzero() / 48))
@@ -220,8 +224,7 @@ def _random_pruned(spec, seed, density, xp=numpy):
     rng = numpy.random.default_rng(seed)
     for p in net.params().values():
         if p.prunable:
-            p.mask = xp.asarray((rng.random(p.data.shape) < density).astype(numpy.float32))
-            p.data *= p.mask
+            p.prune(xp.asarray(rng.random(p.data.shape) < density))
         else:
             p.data[...] = xp.asarray(rng.normal(size=p.data.shape).astype(numpy.float32))  # ± biases
     return net
@@ -235,17 +238,19 @@ def test_neuron_removal_keeps_outputs_and_leaves_no_dead_unit(spec, seed, densit
     rng = numpy.random.default_rng(seed + 1)
     x = rng.random((5, *net.input_shape), dtype=numpy.float32)
     y0 = net.forward(x)
-    ids = {n: numpy.arange(p.size, dtype=numpy.float64).reshape(p.data.shape) for n, p in net.params().items()}
-    before = {n: (weights(net)[n], masks(net)[n]) for n in ids}
-    removed = P.remove_dead_neurons(net, ids)
+    for p in net.params().values():  # identities ride along as a state array
+        p.state["ids"] = numpy.where(p.mask == 1, numpy.arange(p.size).reshape(p.data.shape), 0).astype(numpy.float64)
+    before = {n: (weights(net)[n], masks(net)[n]) for n in net.params()}
+    removed = P.remove_dead_neurons(net)
     numpy.testing.assert_allclose(net.forward(x), y0, rtol=1e-5, atol=1e-5)
     P.check_masks(net)
     for n, p in net.params().items():  # every surviving entry is the same weight, same mask
-        idx = ids[n].astype(numpy.int64)
+        idx = p.state["ids"].astype(numpy.int64)
         assert idx.shape == p.data.shape
+        alive = p.mask == 1
         if p.prunable:  # (biases may have absorbed folded constants)
-            numpy.testing.assert_array_equal(before[n][0].ravel()[idx], p.data)
-        numpy.testing.assert_array_equal(before[n][1].ravel()[idx], p.mask)
+            numpy.testing.assert_array_equal(before[n][0].ravel()[idx][alive], p.data[alive])
+        assert numpy.all(before[n][1].ravel()[idx][alive] == 1)
     for layer, k in removed.items():
         assert before[f"{layer}.b"][0].size - net.params()[f"{layer}.b"].size == k > 0
     # a second pass finds nothing left to remove (apart from kept exceptions)

@@ -40,10 +40,10 @@ class PruningMachine(RuleBasedStateMachine):
         rng = numpy.random.default_rng(0)
         self.x = rng.random((16, *self.net.input_shape), dtype=numpy.float32)
         self.t = rng.integers(0, 3, 16)
-        self.velocity = {n: numpy.zeros_like(p.data) for n, p in self.net.params().items()}
-        # identity of every position, carried through neuron removal like the momentum
-        self.ids = {n: numpy.arange(p.size, dtype=numpy.float64).reshape(p.data.shape)
-                    for n, p in self.net.params().items()}
+        # identity of every position, carried through neuron removal like the momentum: a
+        # state array of the parameter (Param.take slices all of them together)
+        for p in self.net.params().values():
+            p.state["ids"] = numpy.arange(p.size, dtype=numpy.float64).reshape(p.data.shape)
         self.alive = self._alive()
         self.dir = Path(tempfile.mkdtemp(prefix="sparsenet-sm-"))
 
@@ -51,12 +51,13 @@ class PruningMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _alive(self):
-        return {n: set(self.ids[n][p.mask == 1].astype(numpy.int64).tolist()) for n, p in self.net.params().items()}
+        return {n: set(p.state["ids"][p.mask == 1].astype(numpy.int64).tolist()) for n, p in self.net.params().items()}
 
     def _optimizer(self, **kw):
-        opt = SGD(self.net.params(), policy="fixed", **kw)
-        opt.velocity = self.velocity
-        return opt
+        return SGD(self.net.params(), lr_policy="fixed", **kw)
+
+    def _momentum(self, p):
+        return p.state.get("momentum", numpy.zeros_like(p.data))
 
     # -- operations ---------------------------------------------------------------------
     @rule(lr=st.floats(1e-3, 0.3), momentum=st.floats(0.0, 0.95),
@@ -66,7 +67,7 @@ class PruningMachine(RuleBasedStateMachine):
         for _ in range(steps):
             params = self.net.params()
             W0 = {n: p.data.astype(numpy.float64) for n, p in params.items()}
-            V0 = {n: v.astype(numpy.float64) for n, v in self.velocity.items()}
+            V0 = {n: self._momentum(p).astype(numpy.float64) for n, p in params.items()}
             self.net.loss_and_backward(self.x, self.t)
             G = {n: None if p.grad is None else p.grad.astype(numpy.float64) for n, p in params.items()}
             opt.step()
@@ -79,13 +80,13 @@ class PruningMachine(RuleBasedStateMachine):
                 v = momentum * V0[n] + lr * p.lr_mult * g
                 expect = W0[n] - v
                 numpy.testing.assert_allclose(p.data[keep], expect[keep], rtol=1e-4, atol=1e-6)
-                numpy.testing.assert_allclose(self.velocity[n][keep], v[keep], rtol=1e-4, atol=1e-6)
+                numpy.testing.assert_allclose(p.state["momentum"][keep], v[keep], rtol=1e-4, atol=1e-6)
 
     @rule(data=st.data(), criterion=st.sampled_from(P.CRITERIA))
     def prune(self, data, criterion):
         amount = data.draw(_amounts(criterion))
         before = {n: p.data.copy() for n, p in self.net.params().items()}
-        P.prune(self.net, criterion, amount, self.velocity)
+        P.prune(self.net, criterion, amount)
         for n, p in self.net.params().items():
             keep = p.mask == 1
             assert numpy.array_equal(p.data[keep], before[n][keep])
@@ -96,11 +97,12 @@ class PruningMachine(RuleBasedStateMachine):
         opt = self._optimizer()
         save_checkpoint(path, self.net, opt, numpy.random.default_rng(0), 1, {"dataset": "mnist"})
         ck = load_checkpoint(path)
-        for (n, p), q in zip(self.net.params().items(), ck.net.params().values()):
+        for p, q in zip(self.net.params().values(), ck.net.params().values()):
             assert numpy.array_equal(p.data, q.data) and numpy.array_equal(p.mask, q.mask)
-            assert numpy.array_equal(self.velocity[n], ck.velocity[n])
+            assert numpy.array_equal(self._momentum(p), q.state["momentum"])
+            q.state["ids"] = p.state["ids"]
         frozen = [l.name for l in self.net.layers if l.frozen]
-        self.net, self.velocity = ck.net, ck.velocity
+        self.net = ck.net
         self.net.freeze(frozen)
 
     @precondition(lambda self: any(l.kind == "dropout" for l in self.net.layers))
@@ -119,10 +121,10 @@ class PruningMachine(RuleBasedStateMachine):
     @rule()
     def remove_dead_neurons(self):
         y0 = self.net.forward(self.x)
-        P.remove_dead_neurons(self.net, self.velocity, self.ids)
+        P.remove_dead_neurons(self.net)
         numpy.testing.assert_allclose(self.net.forward(self.x), y0, rtol=1e-4, atol=1e-5)
-        for n, p in self.net.params().items():
-            assert self.velocity[n].shape == self.ids[n].shape == p.data.shape
+        for p in self.net.params().values():
+            assert all(a.shape == p.data.shape for a in (p.mask, *p.state.values()))
 
     @rule(data=st.data())
     def freeze(self, data):
@@ -144,7 +146,7 @@ class PruningMachine(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------------------
     @invariant()
     def pruned_weights_and_momentum_are_zero(self):
-        P.check_masks(self.net, self.velocity)
+        P.check_masks(self.net)
 
     @invariant()
     def masks_never_regain_entries(self):

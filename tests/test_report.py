@@ -9,13 +9,15 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from sparsenet import figures as F
 from sparsenet import report as R
 from sparsenet.backend import asnumpy
 from sparsenet.checkpoint import save_checkpoint
 from sparsenet.cli import main
+from sparsenet.data import load_split
 from sparsenet.model import build_model, build_network
+from sparsenet.paper import LAYERS
 from sparsenet.pruning import percentile_mask, prune, remove_dead_neurons
-from sparsenet.train import load_split
 from sparsenet.util import SparsenetError
 
 needs_mnist = pytest.mark.mnist
@@ -27,8 +29,7 @@ def make_net(xp, input_shape, layers, values):
     for name, (W, M, b) in values.items():
         p = net.layer(name).params
         M = numpy.asarray(M, dtype=numpy.float32)
-        p["W"].data = xp.asarray(numpy.asarray(W, dtype=numpy.float32) * M)
-        p["W"].mask = xp.asarray(M)
+        p["W"].load(xp.asarray(numpy.asarray(W, dtype=numpy.float32) * M), xp.asarray(M))
         p["b"].data = xp.asarray(numpy.asarray(b, dtype=numpy.float32))
     return net
 
@@ -164,8 +165,8 @@ def test_counts_match_brute_force(xp, data):
     for l in net.layers:
         if "W" in l.params:
             W_, b = l.params["W"], l.params["b"]
-            W_.mask = xp.asarray((rng.random(W_.data.shape) < density).astype(numpy.float32))
-            W_.data = xp.asarray(rng.normal(size=W_.data.shape).astype(numpy.float32)) * W_.mask
+            M = xp.asarray((rng.random(W_.data.shape) < density).astype(numpy.float32))
+            W_.load(xp.asarray(rng.normal(size=W_.data.shape).astype(numpy.float32)) * M, M)
             b.data = xp.asarray(rng.normal(size=b.data.shape).astype(numpy.float32))
     x = rng.normal(size=(N, H, W, C)) * (rng.random((N, H, W, C)) < 0.6)
     rep = R.layer_report(net, xp.asarray(x.astype(numpy.float32)), batch_size=2)
@@ -180,8 +181,9 @@ def test_shrunk_layers_are_measured_against_origin():
     net = build_model("lenet-300-100")
     prune(net, "percentile", {"fc1": 0.9, "default": 0.0})
     fc1 = net.layer("fc1").params["W"]
-    fc1.mask[:40] = 0  # units 0..39 lose every input (bias 0, so ReLU gives 0): dead
-    fc1.data *= fc1.mask
+    keep = numpy.ones_like(fc1.mask)
+    keep[:40] = 0  # units 0..39 lose every input (bias 0, so ReLU gives 0): dead
+    fc1.prune(keep)
     x = numpy.random.default_rng(0).random((64, 784)).astype(numpy.float32)
     before = R.layer_report(net, x)
     assert remove_dead_neurons(net)["fc1"] >= 40
@@ -250,10 +252,9 @@ def test_sensitivity_on_mnist(trained, mnist):
     # One cell against pruning a copy of the network by hand.
     copy = build_network(net.spec())
     for k, p in copy.params().items():
-        p.data, p.mask = net.params()[k].data.copy(), net.params()[k].mask.copy()
+        p.load(net.params()[k].data.copy(), net.params()[k].mask.copy())
     W = copy.layer("fc2").params["W"]
-    W.mask = percentile_mask(W.data, W.mask, 0.9)
-    W.data = W.data * W.mask
+    W.prune(percentile_mask(W.data, W.mask, 0.9))
     assert res["layers"]["fc2"][2] == copy.error(x, t)
 
 
@@ -273,10 +274,32 @@ def test_sensitivity_of_a_pruned_layer_and_bad_arguments():
 def test_plot(tmp_path, monkeypatch):
     res = {"model": "m", "ratios": [0.0, 0.5], "baseline": 0.1, "layers": {"fc1": [0.1, 0.2], "fc2": [0.1, 0.4]}}
     pytest.importorskip("matplotlib")
-    assert R.plot_sensitivity(res, tmp_path / "s.png")
-    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # as if not installed
-    assert R.plot_sensitivity(res, tmp_path / "t.png") is False and not (tmp_path / "t.png").exists()
+    trade = {"dense_error": 0.02, "curves": {"L2 w/ retrain": {"pruned": [0.5, 0.9], "loss": [0.0, 0.01]}}}
+    net = build_model("lenet-300-100")
+    prune(net, "percentile", 0.9)
+    for plot, arg in ((F.plot_sensitivity, res), (F.plot_tradeoff, trade), (F.plot_pattern, net)):
+        assert plot(arg, tmp_path / "s.png")
+        assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # as if not installed
+        assert plot(arg, tmp_path / "t.png") is False and not (tmp_path / "t.png").exists()
+        monkeypatch.undo()
+
+
+def test_pattern_title_states_both_references():
+    net = build_model("lenet-300-100")
+    prune(net, "percentile", {"fc1": 0.9, "default": 0.0})
+    W = net.layer("fc1").params["W"]
+    assert F.pattern_title(net, "fc1") == f"fc1: {100 * W.nonzero() / 235200:.1f}% of the original 300x784 weights " \
+                                          "kept (no neuron removed)"
+    keep = numpy.ones_like(W.mask)
+    keep[:40] = 0
+    W.prune(keep)
+    remove_dead_neurons(net)
+    units = W.data.shape[0]
+    assert units <= 260
+    assert F.pattern_title(net, "fc1") == (
+        f"fc1: {100 * W.nonzero() / 235200:.1f}% of the original 300x784 weights kept "
+        f"({100 * W.nonzero() / (units * 784):.1f}% of the {units}x784 layer after dead-neuron removal)")
 
 
 def test_markdown_shows_the_paper():
@@ -287,8 +310,8 @@ def test_markdown_shows_the_paper():
                                                                       "flop_left": 0.07}}})
     assert "| fc1 | 6 | 12 | 100.0% | 66.7% | 66.7% | 100.0% | 8.0% | 7.0% |" in md and "Table X" in md
     assert "paper" not in R.format_markdown(rep) and "total" in R.format_table(rep)
-    assert set(R.PAPER) == {"lenet-300-100", "lenet-5"}
-    assert R.PAPER["lenet-5"]["rows"]["total"] == {"act": .77, "weights_left": .08, "flop_left": .16}
+    md = R.format_markdown(rep, LAYERS["lenet-300-100"])
+    assert "| fc1 | 6 | 12 | 100.0% | 66.7% | 66.7% | 38.0% | 8.0% | 8.0% |" in md and "Table 2" in md
 
 
 # ----------------------------------------------------------------------------- CLI

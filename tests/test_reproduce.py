@@ -1,16 +1,25 @@
 """The reduced reproductions (reproduce/*-ci.json) end to end, with their stated bounds."""
 import json
+import os
 
 import numpy
 import pytest
 
 from sparsenet import cli
 from sparsenet.checkpoint import load_checkpoint
+from sparsenet.data import load_split
 from sparsenet.model import build_model
-from sparsenet.reproduce import REPRO_DIR, find_config, load_config, reproduce
-from sparsenet.sparse import export_model, load_model
-from sparsenet.train import load_split
+from sparsenet.reproduce import REPRO_DIR, find_config, format_check, load_config, repo_path, reproduce
+from sparsenet.modelfile import export_model, load_model
 from sparsenet.util import SparsenetError
+
+
+def strings(obj):
+    """Every string inside a JSON value."""
+    if isinstance(obj, str):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
+    return [s for v in values for s in strings(v)]
 
 
 @pytest.mark.mnist
@@ -30,6 +39,13 @@ def test_reduced_reproduction_meets_its_bounds(name, tmp_path):
     assert saved["pruned"] == m["pruned"] and saved["provenance"]["seed"] == cfg["train"].get("seed", 0)
     report = (tmp_path / "report.md").read_text()
     assert "| paper |" in report and "Per-layer table" in report and "Provenance" in report
+    assert f"test error {100 * m['pruned']['test_error']:.2f}% (bound ≤ {100 * bounds['max_test_error']:.2f}%) ✓" \
+        in report
+    assert "Figs. 5 and 6 are measured on AlexNet" in report
+    # no absolute paths: config and results relative to the repository root
+    assert m["config"] == f"reproduce/{name}.json" and not os.path.isabs(m["results"])
+    assert (REPRO_DIR.parent / m["results"]).resolve() == tmp_path.resolve()
+    assert not [v for v in strings(saved) if os.path.isabs(v)]
     # weights% left per layer in the report match the pruning log's last round
     last = m["rounds"][-1]["density"]
     assert m["pruned"]["weights_left"] == pytest.approx(last, abs=1e-6)
@@ -67,3 +83,12 @@ def test_experiments_and_errors(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"experiment": "x"}')
     assert cli.main(["reproduce", str(tmp_path / "bad.json")]) == 2
     assert "needs 'experiment', 'train' and 'prune'" in capsys.readouterr().err
+
+
+def test_paths_and_checks_read_as_bound_and_value():
+    assert repo_path(REPRO_DIR / "lenet-5.json") == "reproduce/lenet-5.json"
+    assert repo_path(REPRO_DIR / "results" / "lenet-5") == "reproduce/results/lenet-5"
+    assert format_check("max_test_error", {"bound": 0.0164, "value": 0.0156, "ok": True}) == \
+        "test error 1.56% (bound ≤ 1.64%) ✓"
+    assert format_check("min_compression", {"bound": 12, "value": 11.5, "ok": False}) == \
+        "compression 11.5× (bound ≥ 12×) ✗ NOT MET"

@@ -1,15 +1,79 @@
-"""§3.4 iterative pruning runs: schedules, logs, checkpoints, resume, CLI — on real MNIST slices."""
+"""The run engine: dense training and iterative pruning on small slices of real MNIST
+(skipped when MNIST is absent), schedules, resume after a kill at any instant, divergence."""
 import json
+import os
+import tempfile
 
 import numpy
+import numpy as np
 import pytest
 
-from sparsenet import cli, iterative
+from sparsenet import cli, engine
 from sparsenet import pruning as P
 from sparsenet.checkpoint import load_checkpoint
-from sparsenet.iterative import Schedule, load_schedule, prune_run, uniform_schedule
-from sparsenet.train import TrainConfig, train
+from sparsenet.engine import Schedule, TrainConfig, evaluate, load_schedule, prune_run, train, uniform_schedule
 from sparsenet.util import SparsenetError
+needs_mnist = pytest.mark.mnist
+
+
+@needs_mnist
+def test_lenet_300_100_learns_on_a_slice(tmp_path):
+    """5,000 training images, 3 epochs of the default solver: under 10% test error (10,000 test images)."""
+    cfg = TrainConfig(model="lenet-300-100", epochs=3, train_subset=5000)
+    log = train(tmp_path / "run", cfg, progress=False)
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert log[-1]["test_error"] < 0.10
+    assert log[-1]["loss"] < log[0]["loss"]
+    r = evaluate(tmp_path / "run" / "checkpoint.h5")
+    assert r["test_error"] == log[-1]["test_error"]
+    assert r["params"] == r["nonzero_params"] == 266610
+
+
+@needs_mnist
+def test_lenet_5_learns_on_a_slice(tmp_path):
+    """2,000 training images, 1 epoch: under 25% test error."""
+    cfg = TrainConfig(model="lenet-5", epochs=1, train_subset=2000)
+    log = train(tmp_path / "run", cfg, progress=False)
+    assert log[-1]["test_error"] < 0.25
+
+
+@needs_mnist
+def test_resume_is_bit_identical(tmp_path):
+    cfg = TrainConfig(model="lenet-300-100", epochs=3, train_subset=640, batch_size=32)
+    straight = train(tmp_path / "a", cfg, progress=False)
+    cfg1 = TrainConfig(**{**cfg.__dict__, "epochs": 1})
+    train(tmp_path / "b", cfg1, progress=False)
+    resumed = train(tmp_path / "b", resume=True, progress=False, epochs=3)
+    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]
+    assert strip(resumed) == strip(straight)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.h5")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.h5")
+    for name, p in a.net.params().items():
+        assert np.array_equal(p.data, b.net.params()[name].data), name
+        assert np.array_equal(p.state["momentum"], b.net.params()[name].state["momentum"]), name
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
+
+
+@needs_mnist
+def test_existing_run_is_not_overwritten(tmp_path):
+    cfg = TrainConfig(epochs=1, train_subset=128)
+    train(tmp_path, cfg, progress=False)
+    with pytest.raises(SparsenetError, match="--resume"):
+        train(tmp_path, cfg, progress=False)
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(SparsenetError, match="no such checkpoint"):
+        train(tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(model="vgg"), dict(epochs=0), dict(batch_size=0),
+                                 dict(lr_policy="cos"), dict(dataset="cifar")])
+def test_bad_config(bad, tmp_path):
+    with pytest.raises(SparsenetError):
+        train(tmp_path, TrainConfig(**bad), progress=False)
+    assert not (tmp_path / "checkpoint.h5").exists()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +95,7 @@ def test_schedule_defaults_and_overrides():
     s = Schedule.from_dict(SMALL)
     assert [r["epochs"] for r in s.rounds] == [2, 1, 2]
     assert s.rounds[1]["freeze"] == ["fc1"] and s.rounds[0]["freeze"] == []
-    assert s.rounds[2]["weight_decay"] == iterative.RETRAIN_DEFAULTS["weight_decay"]
+    assert s.rounds[2]["weight_decay"] == engine.RETRAIN_DEFAULTS["weight_decay"]
     assert Schedule.from_dict(s.to_dict()) == s
 
 
@@ -39,7 +103,7 @@ def test_schedule_defaults_and_overrides():
     ({"rounds": []}, "non-empty 'rounds'"),
     ({"rounds": [{"criterion": "magic"}]}, "unknown criterion"),
     ({"rounds": [{"epochs": -1}]}, "epochs must be a whole number"),
-    ({"rounds": [{"lr": "fast"}]}, "lr must be a number"),
+    ({"rounds": [{"lr": "fast"}]}, "lr must be a finite number"),
     ({"rounds": [{"prune_more": True}]}, "unknown keys prune_more"),
     ({"retrain": {"speed": 1}, "rounds": [{}]}, "unknown retraining settings"),
     ({"rounds": [{}], "extra": 1}, "unknown schedule keys"),
@@ -95,9 +159,9 @@ def test_prune_run_end_to_end(dense, straight):
     assert rounds[-1]["density"]["fc1"] <= 0.1 + 1e-3
     assert rounds[-1]["test_error"] < 0.12  # 3k training images, 2 epochs: dense is ~7%
     ck = load_checkpoint(run / "checkpoint.h5")
-    P.check_masks(ck.net, ck.velocity)
+    P.check_masks(ck.net)
     assert ck.net.count_nonzero() == rounds[-1]["nonzero_params"]
-    assert ck.config["prune"]["round"] == 3 and ck.config["dataset"] == "mnist"
+    assert ck.config["run"]["round"] == 3 and ck.config["dataset"] == "mnist"
     assert json.loads((run / "schedule.json").read_text()) == Schedule.from_dict(SMALL).to_dict()
     with pytest.raises(SparsenetError, match="already holds a pruning run"):
         prune_run(dense, run, Schedule.from_dict(SMALL), progress=False)
@@ -130,7 +194,7 @@ def straight(dense, tmp_path_factory):
 @pytest.mark.mnist
 @pytest.mark.parametrize("kill_at", [1, 3, 5])  # round 1 right after its prune, round 2 (frozen fc1), round 3
 def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, monkeypatch, kill_at):
-    real, calls = iterative.train_epoch, []
+    real, calls = engine.train_epoch, []
 
     def dying(*a, **k):
         calls.append(1)
@@ -138,10 +202,10 @@ def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, monkeyp
             raise Killed
         return real(*a, **k)
 
-    monkeypatch.setattr(iterative, "train_epoch", dying)
+    monkeypatch.setattr(engine, "train_epoch", dying)
     with pytest.raises(Killed):
         prune_run(dense, tmp_path / "b", Schedule.from_dict(SMALL), progress=False)
-    monkeypatch.setattr(iterative, "train_epoch", real)
+    monkeypatch.setattr(engine, "train_epoch", real)
     resumed = prune_run(None, tmp_path / "b", resume=True, progress=False)
     strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
     assert strip(resumed) == strip(straight[0])
@@ -149,7 +213,7 @@ def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, monkeyp
     for n, p in a.net.params().items():
         q = b.net.params()[n]
         assert numpy.array_equal(p.data, q.data) and numpy.array_equal(p.mask, q.mask), n
-        assert numpy.array_equal(a.velocity[n], b.velocity[n]), n
+        assert numpy.array_equal(p.state["momentum"], q.state["momentum"]), n
 
 
 def test_resume_needs_a_pruning_run(tmp_path):
@@ -197,3 +261,93 @@ def test_cli_prune_errors_are_one_line(dense, tmp_path, capsys, extra, message):
 def test_cli_prune_needs_a_checkpoint(tmp_path, capsys):
     assert cli.main(["prune", "--out", str(tmp_path / "r")]) == 2
     assert "needs a CHECKPOINT" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- one commit point
+def _strip(log):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in log]
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize("where", ["checkpoint", "log"])
+@pytest.mark.parametrize("nth", [2, 4, 7])
+def test_a_kill_inside_either_write_loses_nothing(dense, straight, tmp_path, monkeypatch, where, nth):
+    """Killed inside the checkpoint write (a temporary file is left) or between the
+    checkpoint and the log view: resume gives the uninterrupted run's checkpoint and log,
+    and removes the leftover temporary files."""
+    import sparsenet.util as U
+
+    real, calls = U.atomic_path, []
+    target = "checkpoint.h5" if where == "checkpoint" else "log.jsonl"
+
+    def dying(path):
+        if str(path).endswith(target):
+            calls.append(1)
+            if len(calls) == nth:  # a half-written temporary file stays, as after a real kill
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                os.write(fd, b"half a file")
+                os.close(fd)
+                raise Killed
+        return real(path)
+
+    monkeypatch.setattr(U, "atomic_path", dying)
+    import sparsenet.h5io as H
+    monkeypatch.setattr(H, "atomic_path", dying)
+    with pytest.raises(Killed):
+        prune_run(dense, tmp_path / "b", Schedule.from_dict(SMALL), progress=False)
+    monkeypatch.setattr(U, "atomic_path", real)
+    monkeypatch.setattr(H, "atomic_path", real)
+    assert list((tmp_path / "b").glob(".*.tmp"))
+    resumed = prune_run(None, tmp_path / "b", resume=True, progress=False)
+    assert not list((tmp_path / "b").glob(".*.tmp"))
+    assert _strip(resumed) == _strip(straight[0])
+    assert _strip([json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]) == _strip(straight[0])
+    a, b = load_checkpoint(straight[1]), load_checkpoint(tmp_path / "b" / "checkpoint.h5")
+    assert _strip(a.log) == _strip(b.log)
+    for n, p in a.net.params().items():
+        assert numpy.array_equal(p.data, b.net.params()[n].data), n
+
+
+# ----------------------------------------------------------------------------- failures
+@pytest.mark.mnist
+def test_a_diverging_run_stops_with_one_line_and_keeps_pruned_weights_zero(dense, tmp_path, recwarn):
+    sched = Schedule.from_dict({"retrain": {"epochs": 2, "lr": 1e6, "lr_policy": "fixed"},
+                                "rounds": [{"criterion": "percentile", "amount": 0.9}]})
+    with pytest.raises(SparsenetError) as e:
+        prune_run(dense, tmp_path / "r", sched, progress=False)
+    msg = str(e.value)
+    assert "diverged in round 1, epoch 1" in msg and str(tmp_path / "r" / "checkpoint.h5") in msg and "\n" not in msg
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    ck = load_checkpoint(tmp_path / "r" / "checkpoint.h5")  # the last good state: right after the prune
+    assert ck.config["run"]["stage"] == "retrain" and ck.config["run"]["epoch"] == 0
+    P.check_masks(ck.net)
+
+
+def test_a_failed_prune_command_leaves_no_files(tmp_path, capsys):
+    from sparsenet.checkpoint import save_checkpoint
+    from sparsenet.model import build_model
+
+    save_checkpoint(tmp_path / "ck.h5", build_model("lenet-300-100"), config={"dataset": "mnist"})
+    for extra in (["--amount", "fc7=0.5"], ["--amount", "1.5", "--criterion", "percentile"],
+                  ["--schedule", '{"rounds": [{"criterion": "global", "amount": {"fc1": 0.5}}]}']):
+        out = tmp_path / "new"
+        assert cli.main(["prune", str(tmp_path / "ck.h5"), "--out", str(out), "--no-progress", *extra]) == 2
+        assert not out.exists(), extra
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.mnist
+def test_percentile_targets_are_fractions_of_the_original_layer(dense, tmp_path):
+    """Round 2's target counts the weights that dead-neuron removal took away in round 1."""
+    sched = Schedule.from_dict({"retrain": {"epochs": 0}, "rounds": [
+        {"criterion": "percentile", "amount": {"fc1": 0.97, "default": 0.0}},
+        {"criterion": "percentile", "amount": {"fc1": 0.98, "default": 0.0}}]})
+    log = prune_run(dense, tmp_path / "r", sched, progress=False)
+    rounds = [r for r in log if r["event"] == "round"]
+    assert log[-1]["shapes"]["fc1.W"][0] < 300  # removal shrank fc1
+    net = load_checkpoint(tmp_path / "r" / "checkpoint.h5").net
+    assert net.params()["fc1.W"].nonzero() == round(0.02 * 300 * 784)
+    assert rounds[-1]["density"]["fc1"] == pytest.approx(0.02, abs=1e-5)
+    shrunk = P.prune(net, "percentile", {"fc1": 0.99}, relative_to="current")["fc1.W"]
+    assert shrunk[1] == round(0.01 * net.params()["fc1.W"].size)

@@ -1,0 +1,208 @@
+"""Speed-tuned kernels for the layers that dominate training time: linear, conv, max-pool.
+
+Each function has the signature of its plain counterpart in :mod:`sparsenet.layers`,
+where the equations and shapes are written out; read those first. The cache objects
+differ between the two families: a backward here accepts the cache of the forward here.
+The layer classes (:class:`sparsenet.layers.Linear`, ...) run these kernels, so they
+fix the arithmetic of training: change them only if bit-identical results may change.
+
+The kernels compute the same values (up to float rounding, from another summation
+order) with other memory layouts:
+
+* Linear outputs and input gradients are column-major (transposed views of a BLAS
+  result); the array ops that follow take them as they are.
+* The im2col of a single-channel image is offset-major (stored as Xᵀ).
+* Parameters, their gradients and the optimiser state are always row-major, so the
+  in-place updates never mix layouts.
+
+Timings behind these choices: ``benchmarks/README.md``.
+"""
+from .backend import get_array_module
+from .layers import conv_output_size
+
+
+# ----------------------------------------------------------------------------- linear
+def linear_forward(x, W, b):
+    """:func:`sparsenet.layers.linear_forward` computed as ``(W xᵀ)ᵀ``.
+
+    The batch is the short side of BLAS's output; y is a transposed (column-major) view.
+    """
+    y = (W @ x.T).T
+    y += b
+    return y, (x, W)
+
+
+def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
+    """:func:`sparsenet.layers.linear_backward` with gx computed as ``(Wᵀ gyᵀ)ᵀ``.
+
+    gx comes out column-major like the forward activations, so the ReLU backward that
+    follows combines two arrays of one layout; gW stays row-major like W, which the
+    optimiser updates in place.
+    """
+    x, W = cache
+    gW = gb = None
+    if need_gW:
+        gW = gy.T @ x
+        if M is not None:
+            gW *= M
+        gb = gy.sum(axis=0)
+    gx = (W.T @ gy.T).T if need_gx else None
+    return gx, gW, gb
+
+
+# ----------------------------------------------------------------------------- conv
+def _window(a, i, j, n_h, n_w, stride):
+    """The view a[:, i + stride*p, j + stride*q, :] for p < n_h, q < n_w."""
+    return a[:, i:i + stride * (n_h - 1) + 1:stride, j:j + stride * (n_w - 1) + 1:stride, :]
+
+
+def im2col(x, kh, kw, stride, pad):
+    """:func:`sparsenet.layers.im2col` (same values and shape) in a layout per channel count.
+
+    ``cols.reshape(N·Ho·Wo, kh·kw·C)`` is the GEMM operand X and a view (no copy) for
+    either layout:
+
+    * C > 1: row-major (N, Ho, Wo, kh, kw, C), one copy of a strided
+      ``sliding_window_view`` (runs of C contiguous values);
+    * C = 1: offset-major, a (kh, kw, N, Ho, Wo) buffer returned transposed, i.e. X is
+      stored as Xᵀ (K, M): each of the k² kernel offsets is one copy of a shifted window
+      of whole image rows (a row-major copy would move runs of one value). BLAS takes
+      the transposed X at no cost.
+    """
+    xp = get_array_module(x)
+    if pad:
+        x = xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    N, H, W, C = x.shape
+    if C == 1:
+        Ho, Wo = conv_output_size(H, kh, stride, 0), conv_output_size(W, kw, stride, 0)
+        cols = xp.empty((kh, kw, N, Ho, Wo, C), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                cols[i, j] = _window(x, i, j, Ho, Wo, stride)
+        return cols.transpose(2, 3, 4, 0, 1, 5)
+    view = xp.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # N,H',W',C,kh,kw
+    view = view[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)
+    return xp.ascontiguousarray(view)
+
+
+def sum_rows(G):
+    """Σ over the rows of a matrix, as the matrix–vector product ``1ᵀ G`` (one BLAS call).
+
+    For the tall, narrow gradient of a convolution (N·Ho·Wo rows, F columns) a GEMV beats
+    ``G.sum(axis=0)``, which NumPy runs as a strided reduction.
+    """
+    xp = get_array_module(G)
+    return xp.ones(G.shape[0], dtype=G.dtype) @ G
+
+
+def conv2d_forward(x, W, b, stride=1, pad=0):
+    """:func:`sparsenet.layers.conv2d_forward` on the :func:`im2col` layouts above.
+
+    The cache keeps the GEMM operand X in whichever layout im2col chose.
+    """
+    F, kh, kw, C = W.shape
+    if x.ndim != 4 or x.shape[3] != C:
+        raise ValueError(f"conv2d expects (N, H, W, {C}) input, got {tuple(x.shape)}")
+    cols = im2col(x, kh, kw, stride, pad)
+    N, Ho, Wo = cols.shape[:3]
+    X = cols.reshape(N * Ho * Wo, kh * kw * C)
+    y = X @ W.reshape(F, -1).T
+    y += b
+    return y.reshape(N, Ho, Wo, F), (x.shape, X, W, stride, pad)
+
+
+def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
+    """:func:`sparsenet.layers.conv2d_backward` with col2im fused into the GEMM.
+
+    * gW: ``(Xᵀ G)ᵀ`` when X is stored transposed (C = 1), so that BLAS reads both
+      operands as stored (``Gᵀ X`` would multiply two transposed operands, BLAS's slow
+      case); the small (F, K) result is copied row-major, like W. Otherwise ``Gᵀ X``.
+    * gb: :func:`sum_rows`.
+    * gx: one batched product ``D[i, j] = G · W[:, i, j, :]`` gives a row-major
+      (N·Ho·Wo, C) block per kernel offset, each added onto a shifted window of the
+      (padded) input gradient: k² adds of whole contiguous blocks, no scatter.
+    """
+    x_shape, X, W, stride, pad = cache
+    F, kh, kw, C = W.shape
+    G = gy.reshape(-1, F)
+    gW = gb = None
+    if need_gW:
+        gW = (X.T @ G).T.copy() if X.flags.f_contiguous else G.T @ X
+        gW = gW.reshape(W.shape)
+        if M is not None:
+            gW *= M
+        gb = sum_rows(G)
+    gx = None
+    if need_gx:
+        xp = get_array_module(gy)
+        N, H, W_, _ = x_shape
+        Ho, Wo = gy.shape[1:3]
+        gx = xp.zeros((N, H + 2 * pad, W_ + 2 * pad, C), dtype=gy.dtype)
+        D = G @ W.transpose(1, 2, 0, 3)  # (kh, kw, F, C) weights -> (kh, kw, N·Ho·Wo, C)
+        for i in range(kh):
+            for j in range(kw):
+                _window(gx, i, j, Ho, Wo, stride)[...] += D[i, j].reshape(N, Ho, Wo, C)
+        if pad:
+            gx = gx[:, pad:pad + H, pad:pad + W_, :]
+    return gx, gW, gb
+
+
+# ----------------------------------------------------------------------------- pooling
+def maxpool2d_forward(x, k, stride):
+    """:func:`sparsenet.layers.maxpool2d_forward` as a running maximum over k² strided slabs.
+
+    ``y = max_o x[:, i_o::s, j_o::s, :]`` over the kernel offsets, one vectorised op each
+    (no im2col copy). No argmax is kept: the cache holds x and y, and the backward pass
+    finds the winners again by comparison, which is free at inference.
+    """
+    xp = get_array_module(x)
+    N, H, W, C = x.shape
+    Ho, Wo = conv_output_size(H, k, stride, 0), conv_output_size(W, k, stride, 0)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"max-pool window {k} larger than input {H}x{W}")
+    y = _window(x, 0, 0, Ho, Wo, stride).copy()
+    for o in range(1, k * k):
+        xp.maximum(y, _window(x, o // k, o % k, Ho, Wo, stride), out=y)
+    return y, (x, y, k, stride)
+
+
+def _keep_first(hits):
+    """Clear every True of ``hits[o]`` that an earlier ``hits[o' < o]`` already has (in place).
+
+    Afterwards each position is True in at most one of the arrays: ties go to the first.
+    """
+    taken = hits[0].copy()
+    for h in hits[1:]:
+        h &= ~taken
+        taken |= h
+
+
+def maxpool2d_backward(gy, cache):
+    """:func:`sparsenet.layers.maxpool2d_backward`: winners found by comparing x with y.
+
+    When the windows tile the input (k = stride), ``x`` viewed as (N, Ho, k, Wo, k, C)
+    is compared with ``y`` in one broadcast, and ``gx`` is one broadcast product; the
+    offset-by-offset tie resolution (first offset in row-major order wins) runs only if
+    some window has two maxima (more winners than windows). Otherwise the k² offsets are
+    handled one slab at a time.
+    """
+    x, y, k, stride = cache
+    xp = get_array_module(gy)
+    N, Ho, Wo, C = gy.shape
+    if k == stride:
+        xt = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo, k, C)
+        w = xt == y[:, :, None, :, None, :]
+        if int(xp.count_nonzero(w)) > y.size:
+            _keep_first([w[:, :, o // k, :, o % k] for o in range(k * k)])
+        tiles = (w * gy[:, :, None, :, None, :]).reshape(N, Ho * k, Wo * k, C)
+        if tiles.shape == x.shape:
+            return tiles
+        gx = xp.zeros(x.shape, dtype=gy.dtype)
+        gx[:, :Ho * k, :Wo * k] = tiles
+        return gx
+    w = [_window(x, o // k, o % k, Ho, Wo, stride) == y for o in range(k * k)]
+    _keep_first(w)
+    gx = xp.zeros(x.shape, dtype=gy.dtype)
+    for o in range(k * k):
+        _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * w[o]
+    return gx
