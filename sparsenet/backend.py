@@ -51,7 +51,8 @@ def array_module(device=None):
     except Exception as e:  # ImportError, or a broken CUDA install raising on import
         raise SparsenetError(
             f"--device gpu needs CuPy, which could not be imported ({type(e).__name__}: {e}); "
-            "install it with: pip install 'sparsenet[gpu]'"
+            "install the CuPy wheel for your CUDA version, e.g. pip install cupy-cuda12x "
+            "(or pip install -e '.[gpu]' in a sparsenet checkout)"
         ) from None
     try:
         n = cupy.cuda.runtime.getDeviceCount()
@@ -92,3 +93,25 @@ def to_device(a, xp):
     if xp is numpy:
         return asnumpy(a)
     return xp.asarray(a)
+
+
+def blas_info():
+    """The BLAS library NumPy runs, its version, kernel family and thread count (results of
+    a run depend on them), e.g. "openblas 0.3.31 (Haswell), 2 threads"; None if unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return "; ".join(f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture')}), {d.get('num_threads')} "
+                     "threads" for d in threadpool_info() if d.get("user_api") == "blas") or None
+
+
+def cpu_model():
+    """The processor's model name (Linux), else what :mod:`platform` says."""
+    import platform
+
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+        return next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

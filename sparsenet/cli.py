@@ -12,11 +12,15 @@ from .model import MODELS, build_model
 from .util import SparsenetError
 
 
-def _add_common(p):
-    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
-                   help="array backend (default: $SPARSENET_DEVICE, else cpu)")
-    p.add_argument("--data-dir", default=None,
-                   help="directory holding mnist/ (and fashion-mnist/) (default: $SPARSENET_DATA, else ./data)")
+def _add_common(p, json=True, data=True):
+    from .backend import DEVICES
+
+    p.add_argument("--device", choices=DEVICES, default=None, help="array backend (default: $SPARSENET_DEVICE, else cpu)")
+    if data:
+        p.add_argument("--data-dir", default=None,
+                       help="directory holding mnist/ (and fashion-mnist/) (default: $SPARSENET_DATA, else ./data)")
+    if json:
+        p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_optim(p, d):
@@ -33,7 +37,7 @@ def _add_optim(p, d):
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="L2 strength (§3.1)")
     p.add_argument("--l1", type=float, default=d["l1"], help="L1 strength (§3.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
-    _add_common(p)
+    _add_common(p, json=False)
 
 
 def _optim(a):
@@ -102,7 +106,6 @@ def build_parser():
     p = sub.add_parser("report", help="per-layer table: weights, FLOP, act%%, weights%% and FLOP%% left (Tables 2-3)")
     p.add_argument("checkpoint")
     p.add_argument("--out", help="folder for report.json and report.md (default: the checkpoint's folder)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
 
     p = sub.add_parser("sensitivity", help="test error with one layer pruned at a time, no retraining (Fig. 6)")
@@ -111,7 +114,6 @@ def build_parser():
                                     "(default 0,0.05,...,0.95)")
     p.add_argument("--layers", help="comma-separated layers (default: every prunable layer)")
     p.add_argument("--out", help="folder for sensitivity.json/.md/.png (default: the checkpoint's folder)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
 
     p = sub.add_parser("reproduce", help="rerun one of the paper's LeNet experiments end to end",
@@ -121,18 +123,35 @@ def build_parser():
     p.add_argument("experiment", help="lenet-300-100, lenet-5, … (a config in reproduce/) or a config .json")
     p.add_argument("--out", help="results folder (default reproduce/results/EXPERIMENT)")
     p.add_argument("--no-progress", action="store_true")
-    _add_common(p)
+    _add_common(p, json=False)
 
     p = sub.add_parser("eval", help="test error of a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
 
     p = sub.add_parser("summary", help="per-layer shapes and parameter counts")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint (or use --model)")
     p.add_argument("--model", choices=sorted(MODELS))
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_sparse_parsers(sub, DATASETS)
+
+    from .modelfile import ENCODINGS
+
+    p = sub.add_parser("export", help="write a model file (dense, CSR or relative-index sparse) and its storage table")
+    p.add_argument("checkpoint", help="a checkpoint (or a model file)")
+    p.add_argument("out", nargs="?", help="model file to write (HDF5)")
+    p.add_argument("--format", choices=ENCODINGS, default="relative", help="encoding of the weights (default relative)")
+    p.add_argument("--report", action="store_true",
+                   help="write nothing: print the storage table and the on-disk size of all three formats")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("predict", help="test error of a model file (or checkpoint), pruned layers run sparse")
+    p.add_argument("model")
+    p.add_argument("--mode", choices=("auto", "dense", "sparse"), default="auto",
+                   help="per-layer choice by density and batch size (auto), or force one")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    _add_common(p)
     return ap
 
 
@@ -222,7 +241,7 @@ def cmd_reproduce(a):
     pr = m["pruned"]
     print(f"{m['experiment']}: dense {100 * m['dense']['test_error']:.2f}% -> pruned {100 * pr['test_error']:.2f}% "
           f"with {pr['nonzero_params']:,} of {pr['params']:,} parameters ({pr['compression']:.1f}x); "
-          f"report: {m['results']}/report.md")
+          f"report: {m['results_dir']}/report.md")
     failed = [k for k, c in m["checks"].items() if not c["ok"]]
     if failed:
         raise SparsenetError(f"{m['experiment']}: bounds not met: {', '.join(failed)}")
@@ -243,40 +262,12 @@ def cmd_summary(a):
     if a.json:
         print(json.dumps({"model": net.name, "input_shape": list(net.input_shape), "layers": rows, **total}))
         return
-    fmt = "{:<8} {:<10} {:>14} {:>14} {:>12} {:>10} {:>12}"
-    print(fmt.format("layer", "kind", "output", "weight", "params", "non-zero", "MACs/sample"))
-    for r in rows:
-        print(fmt.format(r["name"], r["kind"], "x".join(map(str, r["output_shape"])),
-                         "x".join(map(str, r["weight_shape"] or [])) or "-",
-                         f"{r['params']:,}", f"{r['nonzero_params']:,}", f"{r['macs']:,}"))
-    print(fmt.format("total", "", "", "", f"{total['params']:,}", f"{total['nonzero_params']:,}", f"{total['macs']:,}"))
+    from .report import text_table
 
-
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
-            "report": cmd_report, "sensitivity": cmd_sensitivity}
-
-
-# ----------------------------------------------------------------------------- export, predict
-def _add_sparse_parsers(sub, datasets):
-    from .modelfile import ENCODINGS
-
-    p = sub.add_parser("export", help="write a model file (dense, CSR or relative-index sparse) and its storage table")
-    p.add_argument("checkpoint", help="a checkpoint (or a model file)")
-    p.add_argument("out", nargs="?", help="model file to write (HDF5)")
-    p.add_argument("--format", choices=ENCODINGS, default="relative", help="encoding of the weights (default relative)")
-    p.add_argument("--report", action="store_true",
-                   help="write nothing: print the storage table and the on-disk size of all three formats")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-    p = sub.add_parser("predict", help="test error of a model file (or checkpoint), pruned layers run sparse")
-    p.add_argument("model")
-    p.add_argument("--mode", choices=("auto", "dense", "sparse"), default="auto",
-                   help="per-layer choice by density and batch size (auto), or force one")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--dataset", choices=sorted(datasets), default="mnist")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_common(p)
+    print(text_table(["layer", "kind", "output", "weight", "params", "connections", "MACs/sample"], [
+        [r["name"], r["kind"], "x".join(map(str, r["output_shape"])), "x".join(map(str, r["weight_shape"] or [])) or "-",
+         f"{r['params']:,}", f"{r['nonzero_params']:,}", f"{r['macs']:,}"] for r in rows]
+        + [["total", "", "", "", f"{total['params']:,}", f"{total['nonzero_params']:,}", f"{total['macs']:,}"]]))
 
 
 def cmd_export(a):
@@ -296,14 +287,14 @@ def cmd_export(a):
     if a.json:
         print(json.dumps(r))
         return
-    fmt = "{:<8} {:>9} {:>9} {:>7} {:>11} {:>11} {:>11} {:>8} {:>8} {:>7} {:>7}"
-    print(fmt.format("layer", "weights", "non-zero", "density", "dense B", "CSR B", "relative B",
-                     "CSR idx", "rel idx", "CSR x", "rel x"))
-    for row in r["layers"] + [r["total"]]:
-        print(fmt.format(row["layer"], f"{row['weights']:,}", f"{row['nonzero']:,}", f"{100 * row['density']:.1f}%",
-                         f"{row['dense_bytes']:,}", f"{row['csr_bytes']:,}", f"{row['relative_bytes']:,}",
-                         f"{row['csr_overhead_pct']:.1f}%", f"{row['relative_overhead_pct']:.1f}%",
-                         f"{row['ratio_csr']:.1f}", f"{row['ratio_relative']:.1f}"))
+    from .report import text_table
+
+    print(text_table(["layer", "weights", "connections", "density", "dense B", "CSR B", "relative B", "CSR idx",
+                      "rel idx", "CSR x", "rel x"], [
+        [w["layer"], f"{w['weights']:,}", f"{w['nonzero']:,}", f"{100 * w['density']:.1f}%", f"{w['dense_bytes']:,}",
+         f"{w['csr_bytes']:,}", f"{w['relative_bytes']:,}", f"{w['csr_overhead_pct']:.1f}%",
+         f"{w['relative_overhead_pct']:.1f}%", f"{w['ratio_csr']:.1f}", f"{w['ratio_relative']:.1f}"]
+        for w in r["layers"] + [r["total"]]]))
     sizes = r["file_bytes"]
     print("on disk: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items())
           + (f"  (dense/relative {sizes['dense'] / sizes['relative']:.2f}x)" if len(sizes) == 3 else f"  -> {a.out}"))
@@ -336,7 +327,8 @@ def cmd_predict(a):
           f"(layers run {plan or 'none'})")
 
 
-COMMANDS.update(export=cmd_export, predict=cmd_predict)
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
+            "report": cmd_report, "sensitivity": cmd_sensitivity, "export": cmd_export, "predict": cmd_predict}
 
 
 def main(argv=None):

@@ -1,50 +1,29 @@
 """The encodings of a pruned weight: CSR, relative indices, bit packing (NumPy only).
 
-The paper ("Storage") stores a pruned layer sparse, with *relative* indices of 5 bits
-(FC) or 8 bits (conv). These functions turn a weight matrix into such arrays and back;
-:mod:`sparsenet.modelfile` puts them in files, :mod:`sparsenet.inference` multiplies
-with the CSR form.
+The paper ("Storage") stores a pruned layer sparse, with *relative* indices of 5 bits (FC) or 8 bits (conv);
+:mod:`sparsenet.modelfile` puts these arrays in files, :mod:`sparsenet.inference` multiplies with the CSR.
+A weight is encoded as the matrix its layer multiplies with (:func:`as_matrix`): ``rows = W.shape[0]``,
+``cols = prod(W.shape[1:])`` in C order (a Conv2d's (F, kh, kw, C) becomes the im2col operand (F, kh·kw·C)).
+The encoders store the positions of an optional ``mask`` (0/1 or boolean, of the matrix's shape), with
+their values *even when a value is exactly 0.0*; without a mask, the non-zeros (−0.0 counts as zero).
 
-Weights as matrices
--------------------
-Every weight is encoded as the 2-D matrix its layer multiplies with: ``rows = W.shape[0]``
-(output neuron, or conv filter) and ``cols = prod(W.shape[1:])`` in C order
-(:func:`as_matrix`). A Linear ``W`` (out, in) is itself; a Conv2d ``W`` (F, kh, kw, C)
-becomes (F, kh·kw·C), the im2col GEMM's operand.
+CSR: ``data`` float32 (nnz,), the stored values row by row, columns ascending; ``indices`` int32 (nnz,),
+their columns; ``indptr`` int32 (rows+1,): row ``r`` is ``data[indptr[r]:indptr[r+1]]`` (as scipy's).
 
-Stored positions
-----------------
-The encoders take the positions to store as an optional ``mask`` (a 0/1 or boolean
-array of the matrix's shape): the connections of a pruned weight, stored with their
-values *even when a value is exactly 0.0*. Without a mask the positions are the
-non-zeros of the matrix (−0.0 counts as zero).
-
-CSR
----
-``data`` float32 (nnz,) the stored values row by row, columns ascending; ``indices``
-int32 (nnz,) their columns; ``indptr`` int32 (rows+1,): row ``r`` is
-``data[indptr[r]:indptr[r+1]]`` (what ``scipy.sparse.csr_matrix`` takes).
-
-Relative indices
-----------------
-The stream runs over the *flattened* matrix, as in the paper (no indptr; a position
-``p`` is row ``p // cols``, column ``p % cols``). With ``F = 2**bits − 1``::
+Relative indices run over the *flattened* matrix, as in the paper (no indptr: position ``p`` is row
+``p // cols``, column ``p % cols``). With ``F = 2**bits − 1``::
 
     cursor = −1
     for c in codes:
         if c == F:  cursor += F                       # filler: skips F positions, no value
         else:       cursor += c + 1; W.flat[cursor] = next value
 
-so a stored entry records how many positions precede it since the previous entry
-(0 … F−1), and a gap of ``s`` positions costs ``s // F`` fillers. The paper stores a
-filler as a zero *value*; with float32 values (no codebook: that is Deep Compression)
-that would cost 32 + bits bits, so the top code is reserved for it instead and a filler
-costs ``bits`` bits.
+A gap of ``s`` positions thus costs ``s // F`` fillers. The paper stores a filler as a zero *value*; with
+float32 values (no codebook) that would cost 32 + bits bits, so the top code is reserved: ``bits`` bits.
 
-Bit packing: code ``k`` fills stream bits ``k·bits … k·bits+bits−1`` least significant
-bit first; stream bit ``i`` is bit ``i % 8`` of byte ``i // 8``
-(``numpy.packbits(bitorder="little")``); the padding bits of the last byte are 0. With
-``bits = 1`` this packs a 0/1 mask, one bit per entry.
+Bit packing: code ``k`` fills stream bits ``k·bits … k·bits+bits−1`` least significant bit first; stream
+bit ``i`` is bit ``i % 8`` of byte ``i // 8`` (``numpy.packbits(bitorder="little")``), padding bits 0.
+With ``bits = 1`` this packs a 0/1 mask, one bit per entry.
 """
 import numpy
 
@@ -57,9 +36,7 @@ def as_matrix(W):
 def _positions(A, mask):
     """``A`` as float32 and the boolean array of the positions to store (``mask``, or A ≠ 0)."""
     A = numpy.asarray(A, dtype=numpy.float32)
-    if mask is None:
-        return A, A != 0
-    mask = numpy.asarray(mask)
+    mask = A if mask is None else numpy.asarray(mask)
     if mask.shape != A.shape:
         raise ValueError(f"mask of shape {mask.shape} for an array of shape {A.shape}")
     return A, mask != 0
@@ -68,8 +45,7 @@ def _positions(A, mask):
 def csr_from_dense(A, mask=None):
     """CSR arrays of a 2-D array's stored positions: ``mask``'s ones, or its non-zeros.
 
-    Returns ``(data float32 (nnz,), indices int32 (nnz,), indptr int32 (rows+1,))``
-    with the columns of each row ascending, as ``scipy.sparse.csr_matrix`` expects.
+    Returns ``(data float32 (nnz,), indices int32 (nnz,), indptr int32 (rows+1,))``, columns ascending.
     """
     A, keep = _positions(A, mask)
     rows, cols = numpy.nonzero(keep)
@@ -79,8 +55,7 @@ def csr_from_dense(A, mask=None):
 
 
 def csr_to_dense(data, indices, indptr, shape):
-    """Inverse of :func:`csr_from_dense` (after :func:`check_csr`): a float32 (rows, cols)
-    array, zero where nothing is stored."""
+    """Inverse of :func:`csr_from_dense` (after :func:`check_csr`): float32 (rows, cols), 0 where not stored."""
     A = numpy.zeros(shape, dtype=numpy.float32)
     rows = numpy.repeat(numpy.arange(shape[0]), numpy.diff(indptr))
     A[rows, indices] = data
@@ -90,9 +65,8 @@ def csr_to_dense(data, indices, indptr, shape):
 def check_csr(data, indices, indptr, shape):
     """Raise ValueError unless the arrays form a canonical CSR matrix of ``shape``.
 
-    Canonical: ``len(indptr) = rows + 1``, ``indptr[0] = 0``, ``indptr[-1] = nnz =
-    len(data) = len(indices)``, indptr non-decreasing, columns in ``[0, cols)`` and
-    strictly increasing within a row (a duplicate would be summed, silently).
+    Canonical: ``len(indptr) = rows + 1``, ``indptr[0] = 0``, ``indptr[-1] = nnz = len(data) = len(indices)``,
+    indptr non-decreasing, columns in ``[0, cols)`` and strictly increasing within a row (no duplicates).
     """
     rows, cols = shape
     if len(indptr) != rows + 1:
@@ -132,36 +106,31 @@ def unpack_bits(packed, bits, count):
 
 
 def relative_encode(A, bits, mask=None):
-    """Relative-index encoding of ``A``'s stored positions (``mask``'s ones, or its
-    non-zeros) over its flattened positions.
+    """Relative-index encoding of ``A``'s stored positions (``mask``'s ones, or its non-zeros), flattened.
 
-    Returns ``(codes, values)``: ``codes`` uint8 (n_codes,), not yet packed, each
-    ``< 2**bits``; ``values`` float32 (nnz,). An entry preceded by ``s`` unstored
-    positions (since the previous entry, or the start) is ``s // F`` filler codes
-    ``F = 2**bits − 1`` followed by the code ``s % F`` (layout: module doc).
+    Returns ``(codes, values)``: ``codes`` uint8 (n_codes,), not yet packed, each ``< 2**bits``; ``values``
+    float32 (nnz,). An entry preceded by ``s`` unstored positions (since the previous entry, or the start) is
+    ``s // F`` filler codes ``F = 2**bits − 1`` followed by the code ``s % F`` (layout: module doc).
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     A, keep = _positions(A, mask)
-    flat = A.ravel()
     pos = numpy.flatnonzero(keep)
     F = (1 << bits) - 1
     gaps = numpy.diff(pos, prepend=-1) - 1
-    fill = gaps // F
-    ends = numpy.cumsum(fill + 1) - 1  # index of each real code in the stream
+    ends = numpy.cumsum(gaps // F + 1) - 1  # index of each real code in the stream
     codes = numpy.full(int(ends[-1]) + 1 if len(ends) else 0, F, dtype=numpy.uint8)
     codes[ends] = gaps % F
-    return codes, flat[pos]
+    return codes, A.ravel()[pos]
 
 
 def relative_decode(codes, values, shape, bits):
     """Inverse of :func:`relative_encode`: CSR ``(data, indices, indptr)`` of a ``shape`` matrix.
 
-    Raises ValueError when a code is out of range, the number of non-filler codes is not
-    ``len(values)``, or a position falls past the end of the matrix.
+    Raises ValueError when a code is out of range, the number of non-filler codes is not ``len(values)``,
+    or a position falls past the end of the matrix.
     """
-    rows, cols = shape
-    F = (1 << bits) - 1
+    (rows, cols), F = shape, (1 << bits) - 1
     codes = numpy.asarray(codes)
     if len(codes) and codes.max() > F:
         raise ValueError(f"code {codes.max()} does not fit in {bits} bits")
@@ -172,7 +141,6 @@ def relative_decode(codes, values, shape, bits):
     if len(pos) and pos[-1] >= rows * cols:
         raise ValueError(f"relative indices run to position {pos[-1]}, past the {rows}x{cols} matrix")
     pos = pos[real]
-    r = pos // cols
     indptr = numpy.zeros(rows + 1, dtype=numpy.int32)
-    numpy.cumsum(numpy.bincount(r, minlength=rows), out=indptr[1:])
+    numpy.cumsum(numpy.bincount(pos // cols, minlength=rows), out=indptr[1:])
     return numpy.asarray(values), (pos % cols).astype(numpy.int32), indptr

@@ -1,24 +1,14 @@
 """MNIST / Fashion-MNIST loader for the IDX file format (gzip-compressed or raw).
 
-Data directory, first match wins:
-
-1. the ``data_dir`` argument (``--data-dir`` on the command line);
-2. the environment variable ``SPARSENET_DATA``;
-3. ``./data``, relative to the current working directory.
-
-Each file of dataset ``<name>`` is looked for in ``<data_dir>/<name>/`` and then in the
-spec's extra directories (e.g. ``/usr/share/datasets/fashion-mnist`` from Debian's
-``dataset-fashion-mnist``), as ``<file>.gz`` or uncompressed ``<file>``. Missing files are
-downloaded, if allowed, into ``<data_dir>/<name>/`` from the spec's mirrors in turn.
-With the environment variable ``SPARSENET_OFFLINE`` set (to anything but "", "0" or
-"false") nothing goes to the network: only ``file://`` mirrors are read. The test suite
-sets it, so neither the tests nor the commands they start can download.
-
-Checksum policy: every checksum is the SHA-256 of the *uncompressed* IDX bytes, so a
-re-compressed copy (Debian's, or one you gunzipped yourself) still verifies. A download
-is always verified before it is renamed into place, so a failed or corrupt download
-leaves nothing behind. Files found on disk are verified when ``verify=True`` (default).
+Data directory, first match wins: the ``data_dir`` argument (``--data-dir``), ``$SPARSENET_DATA``,
+``./data``. Each file of dataset ``<name>`` is looked for in ``<data_dir>/<name>/``, then in the
+spec's extra directories (e.g. Debian's), as ``<file>.gz`` or ``<file>``; missing ones are
+downloaded, if allowed, from the spec's mirrors in turn (with ``SPARSENET_OFFLINE`` set, as the
+tests do, only ``file://`` ones). Checksums are SHA-256 of the *uncompressed* IDX bytes, so a
+re-compressed copy still verifies; a download is verified before it is renamed into place, files
+on disk when ``verify=True`` (default).
 """
+import contextlib
 import functools
 import gzip
 import math
@@ -34,20 +24,14 @@ from typing import NamedTuple
 import numpy
 
 from .backend import to_device
-from .util import SparsenetError, atomic_path, env_flag
+from .util import SparsenetError, atomic_path, env_flag, progress_bar
 
 DOWNLOAD_TIMEOUT = 30  # seconds, per network operation
 _CHUNK = 1 << 16
 
 # IDX type code -> dtype (multi-byte values are big-endian in the file).
-_IDX_TYPES = {
-    0x08: numpy.dtype("u1"),
-    0x09: numpy.dtype("i1"),
-    0x0B: numpy.dtype(">i2"),
-    0x0C: numpy.dtype(">i4"),
-    0x0D: numpy.dtype(">f4"),
-    0x0E: numpy.dtype(">f8"),
-}
+_IDX_TYPES = {code: numpy.dtype(t) for code, t in
+              ((0x08, "u1"), (0x09, "i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8"))}
 
 
 class DataError(SparsenetError):
@@ -56,50 +40,39 @@ class DataError(SparsenetError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where to find a dataset and how to check it.
-
-    ``files`` maps file name (without ``.gz``) to the SHA-256 of its uncompressed bytes,
-    in the order: train images, train labels, test images, test labels. A mirror is a
-    base URL; the file fetched is ``<mirror><file>.gz``.
-    """
-
+    """Where to find a dataset and how to check it: ``files`` maps file name (no ``.gz``; train images,
+    train labels, test images, test labels) to SHA-256; a mirror serves ``<mirror><file>.gz``."""
     name: str
     files: dict
     mirrors: tuple = ()
     extra_dirs: tuple = ()
 
 
+def _files(*sha256):
+    return dict(zip(("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"), sha256))
+
+
 DATASETS = {
     "mnist": DatasetSpec(
-        name="mnist",
-        files={
-            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        },
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "https://storage.googleapis.com/cvdf-datasets/mnist/",
-        ),
-    ),
+        "mnist", _files("ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+                        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+                        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "https://storage.googleapis.com/cvdf-datasets/mnist/")),
     "fashion-mnist": DatasetSpec(
-        name="fashion-mnist",
-        files={
-            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        },
+        "fashion-mnist", _files("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        extra_dirs=("/usr/share/datasets/fashion-mnist",),
-    ),
+        extra_dirs=("/usr/share/datasets/fashion-mnist",)),
 }
 
 
 class Dataset(NamedTuple):
     """Images uint8 ``(N, rows, cols)``; labels int64 ``(N,)``."""
-
     x_train: numpy.ndarray
     y_train: numpy.ndarray
     x_test: numpy.ndarray
@@ -113,8 +86,7 @@ def resolve_data_dir(data_dir=None):
 
 def _read_bytes(path, gz=None):
     """The uncompressed bytes of ``path``; gzip if ``gz`` (default: name ends in .gz)."""
-    if gz is None:
-        gz = str(path).endswith(".gz")
+    gz = str(path).endswith(".gz") if gz is None else gz
     try:
         if gz:
             with gzip.open(path, "rb") as f:
@@ -159,32 +131,12 @@ def read_idx(path):
 def _check_sha256(data, expected, path):
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise DataError(
-            f"{path}: checksum mismatch: expected sha256 {expected}, got {actual} "
-            "(corrupt, or not the expected release; delete it to re-download)"
-        )
+        raise DataError(f"{path}: checksum mismatch: expected sha256 {expected}, got {actual} "
+                        "(corrupt, or not the expected release; delete it to re-download)")
 
 
 def _find(filename, dirs):
-    for d in dirs:
-        for candidate in (d / (filename + ".gz"), d / filename):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _progress(total, desc):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
-
-
-def _open(url):
-    if env_flag("SPARSENET_OFFLINE") and not url.startswith("file:"):
-        raise OSError("downloads are disabled (SPARSENET_OFFLINE is set)")
-    return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+    return next((c for d in dirs for c in (d / (filename + ".gz"), d / filename) if c.is_file()), None)
 
 
 def _download(spec, filename, dest):
@@ -193,18 +145,17 @@ def _download(spec, filename, dest):
     for mirror in spec.mirrors:
         url = mirror + filename + ".gz"
         try:
-            with atomic_path(dest) as tmp, _open(url) as r:
-                size = r.headers.get("Content-Length")
-                bar = _progress(int(size) if size and size.isdigit() else None, filename)
-                try:
-                    with open(tmp, "wb") as f:
+            with atomic_path(dest) as tmp:
+                if env_flag("SPARSENET_OFFLINE") and not url.startswith("file:"):
+                    raise OSError("downloads are disabled (SPARSENET_OFFLINE is set)")
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r:
+                    size = r.headers.get("Content-Length")
+                    with progress_bar(int(size) if size and size.isdigit() else None, filename, unit="B",
+                                      unit_scale=True) or contextlib.nullcontext() as bar, open(tmp, "wb") as f:
                         while chunk := r.read(_CHUNK):
                             f.write(chunk)
                             if bar is not None:
                                 bar.update(len(chunk))
-                finally:
-                    if bar is not None:
-                        bar.close()
                 _check_sha256(_read_bytes(tmp, gz=True), spec.files[filename], url)
             return None
         except (OSError, ValueError, http.client.HTTPException, DataError) as e:
@@ -213,53 +164,41 @@ def _download(spec, filename, dest):
 
 
 def load_dataset(name="mnist", data_dir=None, download=True, verify=True, spec=None):
-    """Load a dataset as a :class:`Dataset`; see the module docstring for the search order.
-
-    ``spec`` (a :class:`DatasetSpec`) overrides ``name``. Raises :class:`DataError`.
-    """
+    """Load a dataset (``spec``, a :class:`DatasetSpec`, overrides ``name``); raises :class:`DataError`."""
     if spec is None:
         if name not in DATASETS:
             raise DataError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
         spec = DATASETS[name]
     home = resolve_data_dir(data_dir) / spec.name
     dirs = [home, *map(Path, spec.extra_dirs)]
-    fix = (
-        f"put the four files (.gz or uncompressed) in {home.absolute()}, or point "
-        f"--data-dir / SPARSENET_DATA at a directory containing {spec.name}/"
-    )
-    paths = {}
+    fix = (f"put the four files (.gz or uncompressed) in {home.absolute()}, or point "
+           f"--data-dir / SPARSENET_DATA at a directory containing {spec.name}/")
+    paths = []
     for filename in spec.files:
         path = _find(filename, dirs)
         if path is None:
-            where = ", ".join(str(d) for d in dirs)
+            missing = f"{spec.name}: missing {filename}(.gz), looked in {', '.join(str(d) for d in dirs)}"
             if not download:
-                raise DataError(f"{spec.name}: missing {filename}(.gz), looked in {where}; {fix}")
+                raise DataError(f"{missing}; {fix}")
             path = home / (filename + ".gz")
             reason = _download(spec, filename, path)
             if reason is not None:
-                raise DataError(
-                    f"{spec.name}: missing {filename}(.gz), looked in {where}; "
-                    f"download failed: {reason}; {fix}"
-                )
-        paths[filename] = path
-
+                raise DataError(f"{missing}; download failed: {reason}; {fix}")
+        paths.append(path)
     arrays = []
-    for filename, path in paths.items():
+    for filename, path in zip(spec.files, paths):
         data = _read_bytes(path)
         if verify:
             _check_sha256(data, spec.files[filename], path)
         arrays.append((path, _parse_idx(data, path)))
-
-    (pxr, xr), (pyr, yr), (pxt, xt), (pyt, yt) = arrays
-    for (px, x), (py, y) in (((pxr, xr), (pyr, yr)), ((pxt, xt), (pyt, yt))):
+    for (px, x), (py, y) in (arrays[:2], arrays[2:]):
         if x.ndim != 3 or y.ndim != 1:
-            raise DataError(
-                f"{px}, {py}: expected 3-D images and 1-D labels, got shapes {x.shape} and {y.shape}"
-            )
+            raise DataError(f"{px}, {py}: expected 3-D images and 1-D labels, got shapes {x.shape} and {y.shape}")
         if len(x) != len(y):
             raise DataError(f"{px}, {py}: {len(x)} images but {len(y)} labels")
         if y.size and (y.min() < 0 or y.max() > 9):
             raise DataError(f"{py}: labels must be in 0..9, found {y.min()}..{y.max()}")
+    (_, xr), (_, yr), (_, xt), (_, yt) = arrays
     return Dataset(xr, yr.astype(numpy.int64), xt, yt.astype(numpy.int64))
 
 
@@ -270,8 +209,7 @@ def to_float(images):
 
 @functools.lru_cache(maxsize=4)
 def _float_images(name, data_dir, train_subset):
-    """Host arrays of a dataset as float32 in [0, 1], read once per process and kept
-    (a command that trains, reports and sweeps reads the files once)."""
+    """Host arrays of a dataset as float32 in [0, 1], read once per process and kept."""
     ds = load_dataset(name, data_dir)
     x, y = ds.x_train, ds.y_train
     if train_subset:
@@ -283,10 +221,8 @@ def _float_images(name, data_dir, train_subset):
 
 
 def load_split(dataset, input_shape, xp, data_dir=None, train_subset=0, split="both", n_classes=None):
-    """``{"train": (x, t), "test": (x, t)}`` (or one of them, ``split``): images as
-    float32 in [0, 1] shaped ``(N, *input_shape)`` and int64 labels, on the array module
-    ``xp``. The files are read once per process (see :func:`_float_images`). With
-    ``n_classes`` (a network's number of outputs), labels beyond it are an error."""
+    """``{"train": (x, t), "test": (x, t)}`` (or one of them, ``split``) on the array module ``xp``:
+    float32 images in [0, 1] shaped ``(N, *input_shape)``, int64 labels (beyond ``n_classes``: an error)."""
     if not isinstance(train_subset, int) or train_subset < 0:
         raise SparsenetError(f"train_subset must be a whole number >= 0, got {train_subset!r}")
     xr, yr, xt, yt = _float_images(dataset, str(resolve_data_dir(data_dir).absolute()), train_subset)
@@ -294,12 +230,7 @@ def load_split(dataset, input_shape, xp, data_dir=None, train_subset=0, split="b
     if math.prod(input_shape) != size:
         raise SparsenetError(f"the network takes inputs of shape {tuple(input_shape)}, but {dataset} images are "
                              f"{'x'.join(map(str, xt.shape[1:]))} ({size} values)")
-    if n_classes is not None and max(int(yr.max(initial=0)), int(yt.max(initial=0))) >= n_classes:
-        raise SparsenetError(f"the network has {n_classes} outputs, but {dataset} has labels up to "
-                             f"{max(int(yr.max(initial=0)), int(yt.max(initial=0)))}")
-    out = {}
-    if split in ("both", "train"):
-        out["train"] = (to_device(xr.reshape((-1, *input_shape)), xp), to_device(yr, xp))
-    if split in ("both", "test"):
-        out["test"] = (to_device(xt.reshape((-1, *input_shape)), xp), to_device(yt, xp))
-    return out
+    if n_classes is not None and (top := max(int(yr.max(initial=0)), int(yt.max(initial=0)))) >= n_classes:
+        raise SparsenetError(f"the network has {n_classes} outputs, but {dataset} has labels up to {top}")
+    return {s: (to_device(x.reshape((-1, *input_shape)), xp), to_device(y, xp))
+            for s, x, y in (("train", xr, yr), ("test", xt, yt)) if split in ("both", s)}

@@ -43,7 +43,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DATASETS, load_split
 from .model import MODELS, build_model
 from .optim import SETTINGS, SGD, check_settings
-from .util import SparsenetError, write_text_atomic
+from .util import SparsenetError, progress_bar, write_text_atomic
 
 # Retraining defaults, chosen by experiment on LeNet-300-100 (README, "Pruning").
 RETRAIN_DEFAULTS = {
@@ -82,15 +82,11 @@ class TrainConfig:
     train_subset: int = 0  # use only the first N training images (0 = all); for tests/CI
 
     def validate(self):
-        if self.model not in MODELS:
-            raise SparsenetError(f"unknown model {self.model!r}: choose from {', '.join(MODELS)}")
-        if self.dataset not in DATASETS:
-            raise SparsenetError(f"unknown dataset {self.dataset!r}: choose from {', '.join(DATASETS)}")
+        for key, choices in (("model", MODELS), ("dataset", DATASETS)):
+            if getattr(self, key) not in choices:
+                raise SparsenetError(f"unknown {key} {getattr(self, key)!r}: choose from {', '.join(choices)}")
         for key in ("epochs", "batch_size", "seed", "train_subset"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key in ("epochs", "batch_size") else 0):
-                raise SparsenetError(f"{key} must be a whole number >= {1 if key in ('epochs', 'batch_size') else 0}, "
-                                     f"got {v!r}")
+            _whole(getattr(self, key), key, 1 if key in ("epochs", "batch_size") else 0)
         check_settings(dataclasses.asdict(self))
         return self
 
@@ -139,10 +135,7 @@ class Schedule:
             if set(r) - ROUND_KEYS:
                 raise SparsenetError(f"round {i}: unknown keys {', '.join(sorted(set(r) - ROUND_KEYS))}")
             out.append(_check_round({"criterion": "quality", "amount": 1.0, **RETRAIN_DEFAULTS, **retrain, **r}, i))
-        seed = d.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise SparsenetError(f"schedule seed must be a whole number >= 0, got {seed!r}")
-        return cls(out, seed)
+        return cls(out, _whole(d.get("seed", 0), "schedule seed", 0))
 
     def to_dict(self):
         return {"seed": self.seed, "rounds": self.rounds}
@@ -152,12 +145,17 @@ class Schedule:
         return any(r["criterion"] is not None for r in self.rounds)
 
 
+def _whole(v, what, low):
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise SparsenetError(f"{what} must be a whole number >= {low}, got {v!r}")
+    return v
+
+
 def _check_round(r, i):
     if r["criterion"] is not None and r["criterion"] not in pruning.CRITERIA:
         raise SparsenetError(f"round {i}: unknown criterion {r['criterion']!r} (choose from {', '.join(pruning.CRITERIA)})")
-    for key in ("epochs", "batch_size"):
-        if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < (0 if key == "epochs" else 1):
-            raise SparsenetError(f"round {i}: {key} must be a whole number >= {0 if key == 'epochs' else 1}, got {r[key]!r}")
+    _whole(r["epochs"], f"round {i}: epochs", 0)
+    _whole(r["batch_size"], f"round {i}: batch_size", 1)
     check_settings(r, f"round {i}")
     if not isinstance(r["freeze"], list) or not all(isinstance(n, str) for n in r["freeze"]):
         raise SparsenetError(f"round {i}: freeze must be a list of layer names")
@@ -196,8 +194,7 @@ def uniform_schedule(criterion="quality", amount=1.0, rounds=1, seed=0, **retrai
     percentile/global: the kept fraction shrinks geometrically, round r of R keeping
     ``(1 − amount)^(r/R)`` — equal ratios per round, the final round hitting the target.
     """
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
-        raise SparsenetError(f"rounds must be >= 1, got {rounds}")
+    _whole(rounds, "rounds", 1)
 
     def at(r, a):
         if criterion == "quality" or not isinstance(a, (int, float)) or not 0 <= a <= 1:
@@ -251,16 +248,6 @@ def train_epoch(net, opt, x, t, batch_size, rng, progress=None):
     return float(loss_sum) / n, int(wrong) / n
 
 
-def _progress_bar(total, desc, enabled):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
-
-
 def _totals(net):
     params = sum(o["params"] for o in net.origin.values())
     weights = sum(o["weights"] for o in net.origin.values())
@@ -302,9 +289,8 @@ class _Run:
         else:
             write_text_atomic(self.dir / "config.json", json.dumps(self.base_config, indent=2) + "\n")
 
-    def where(self):
-        k, e = self.state["round"], self.state["epoch"]
-        return f"round {k + 1}, epoch {e}" if self.schedule.prunes else f"epoch {e}"
+    def where(self, epoch):
+        return (f"round {self.state['round'] + 1}, " if self.schedule.prunes else "") + f"epoch {epoch}"
 
 
 def _clean_leftovers(run_dir):
@@ -314,26 +300,14 @@ def _clean_leftovers(run_dir):
             p.unlink()
 
 
-def _open_run(run_dir, xp, progress):
-    """Load a run folder for resuming: (net, schedule, state, base config, log, rng, epoch)."""
-    ckpt = Path(run_dir) / "checkpoint.h5"
-    ck = load_checkpoint(ckpt, xp)
+def _open_run(run_dir, xp):
+    """A run folder's checkpoint, for resuming: (net, schedule, state, base config, log, rng)."""
+    ck = load_checkpoint(Path(run_dir) / "checkpoint.h5", xp)
     config = dict(ck.config)
     state = config.pop("run", None)
-    if state is None and isinstance(config.get("prune"), dict):  # a pruning run of the previous layout
-        state = config.pop("prune")
-        state["stage"] = "retrain" if state["stage"] == "retrain" else "prune"
-    elif state is None and "model" in config and ck.optimizer_state is not None:  # a previous dense run
-        state = {"round": 0, "stage": "retrain", "epoch": ck.epoch, "iteration": ck.optimizer_state["iteration"],
-                 "schedule": TrainConfig.from_dict(config).schedule().to_dict(), "log_length": ck.epoch}
-    if not isinstance(state, dict) or "schedule" not in state:
-        raise SparsenetError(f"{ckpt}: not a run checkpoint (no run state in its config)")
-    log = ck.log
-    if log is None:  # files of the previous layout kept the log beside the checkpoint
-        path = Path(run_dir) / "log.jsonl"
-        log = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-        log = log[:state.get("log_length", len(log))]
-    return ck.net, Schedule.from_dict(state["schedule"]), state, config, log, ck.rng()
+    if not isinstance(state, dict) or ck.log is None:
+        raise SparsenetError(f"{Path(run_dir) / 'checkpoint.h5'}: not a run checkpoint of this version (no run state)")
+    return ck.net, Schedule.from_dict(state["schedule"]), state, config, ck.log, ck.rng()
 
 
 def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, data_dir=None, device=None,
@@ -350,7 +324,7 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     if not resume and schedule is None:
         raise SparsenetError("a new run needs a schedule")
     if resume:
-        net, schedule, state, base_config, log, rng = _open_run(run_dir, xp, progress)
+        net, schedule, state, base_config, log, rng = _open_run(run_dir, xp)
         if epochs is not None:
             if schedule.prunes:
                 raise SparsenetError("--epochs with --resume applies to dense training runs only")
@@ -361,14 +335,11 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
         if (run_dir / "checkpoint.h5").exists():
             raise SparsenetError(f"{run_dir} already holds a {'pruning ' if schedule.prunes else ''}run; "
                                  "continue it with --resume or choose another --out")
+        net = source
         if isinstance(source, (str, Path)):
             ck = load_checkpoint(source, xp)
             net, base_config = ck.net, {k: v for k, v in ck.config.items() if k not in ("run", "prune")}
-        else:
-            net = source
         state = {"round": 0, "stage": "prune", "epoch": 0, "iteration": 0, "schedule": schedule.to_dict()}
-        if isinstance(source, (str, Path)):
-            state["source"] = str(source)
         log, rng = [], numpy.random.default_rng(schedule.seed)
     for i, r in enumerate(schedule.rounds, 1):  # the whole schedule is checked now, not at round 5
         if r["criterion"] is not None:
@@ -426,16 +397,15 @@ def _round(R, opt, train_data, test_data):
     while state["epoch"] < r["epochs"]:                                           # retrain (§3.1)
         e, t0 = state["epoch"], time.perf_counter()
         desc = (f"round {k + 1}/{n_rounds} " if R.schedule.prunes else "") + f"epoch {e + 1}/{r['epochs']}"
-        bar = _progress_bar(n_batches, desc, R.progress)
+        bar = progress_bar(n_batches, desc, enabled=R.progress)
         try:
             loss, train_err = train_epoch(net, opt, x, t, r["batch_size"], R.rng, bar)
         finally:
             if bar is not None:
                 bar.close()
         if _diverged(net, loss):
-            raise SparsenetError(f"training diverged in {'round %d, ' % (k + 1) if R.schedule.prunes else ''}"
-                                 f"epoch {e + 1} (loss {loss:.4g}); the last good checkpoint is {R.ckpt} "
-                                 f"({R.where()}); lower the learning rate")
+            raise SparsenetError(f"training diverged in {R.where(e + 1)} (loss {loss:.4g}); the last good "
+                                 f"checkpoint is {R.ckpt} ({R.where(e)}); start again with a lower learning rate")
         rec = {"event": "epoch", "round": k + 1} if R.schedule.prunes else {}
         rec.update({"epoch": e + 1, "iteration": opt.iteration, "lr": opt.current_lr(), "loss": loss,
                     "train_error": train_err, "test_error": net.error(xt, tt),

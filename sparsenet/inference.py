@@ -1,12 +1,9 @@
 """Sparse inference: pruned layers run as sparse matrix products.
 
-:class:`SparseNetwork` wraps a :class:`~sparsenet.model.Network` for inference and runs
-each Linear/Conv2d either dense (``X W₂ᵀ``, BLAS) or sparse (``(W_csr Xᵀ)ᵀ``; one SpMV
-``W_csr x`` for a single row), chosen per layer and call by :func:`prefer_sparse`.
-``W₂`` is the weight as the matrix its layer multiplies with
-(:func:`sparsenet.codecs.as_matrix`); its CSR copy holds the non-zero weights (a
-surviving weight of value 0.0 adds nothing to a product). The sparse products run on
-``scipy.sparse`` on the CPU and ``cupyx.scipy.sparse`` on the GPU.
+:class:`SparseNetwork` runs each Linear/Conv2d of a :class:`~sparsenet.model.Network` dense (``X W₂ᵀ``, BLAS)
+or sparse (``(W_csr Xᵀ)ᵀ``; one SpMV ``W_csr x`` for a single row), chosen per layer and call by
+:func:`prefer_sparse`. ``W₂`` is the weight as its layer's matrix (:func:`sparsenet.codecs.as_matrix`); its CSR
+copy holds the non-zero weights (a surviving 0.0 adds nothing), on ``scipy.sparse`` or ``cupyx.scipy.sparse``.
 """
 import math
 
@@ -17,27 +14,22 @@ from .backend import asnumpy, get_array_module, sparse_module, to_device
 from .codecs import as_matrix, csr_from_dense
 from .util import SparsenetError
 
+
 def prefer_sparse(density, rows, n_weights, xp=numpy):
     """Whether a product ``X W₂ᵀ`` runs faster with W₂ as CSR (measured rule, README).
 
-    ``density``: W₂'s non-zero fraction; ``rows``: rows of X (the batch size for a
-    Linear, N·Ho·Wo for a Conv2d); ``n_weights``: W₂'s size.
+    ``density``: W₂'s non-zero fraction; ``rows``: rows of X (the batch size for a Linear, N·Ho·Wo for a
+    Conv2d); ``n_weights``: W₂'s size.
 
-    CPU (``benchmarks/bench_sparse.py --sweep``, 2-core EPYC, OpenBLAS with its default
-    two threads, scipy on one): scipy's CSR kernels cost about 0.5–1 ns per stored
-    weight and row of X, plus a few µs per call; a dense GEMV about 0.05–0.1 ns per
-    weight while W₂ stays in cache, more once it streams from memory; a dense GEMM
-    (several rows) much less per weight and row. Hence:
+    CPU (``benchmarks/bench_sparse.py --sweep``, 2-core EPYC, OpenBLAS with two threads, scipy on one):
+    scipy's CSR kernels cost about 0.5–1 ns per stored weight and row of X plus a few µs per call; a dense
+    GEMV about 0.05–0.1 ns per weight while W₂ stays in cache, more once it streams from memory; a dense
+    GEMM (several rows) much less per weight and row. Hence: one row: sparse at density ≤ 10% for ≥ 4M
+    weights (1.3× at 10%, 0.7× at 20%), ≤ 3% for ≥ 100K weights (a 1024×1024 layer gains 1.9× at 2% and
+    loses at 5%), never for smaller layers (call overhead); 2–64 rows: ≤ 5% when rows × weights ≥ 1M
+    (1.3–3.2× at 5%, about even at 10%); more rows (BLAS's GEMM at its best): ≤ 2% when rows × weights ≥ 1M.
 
-    * one row: sparse at density ≤ 10% for ≥ 4M weights (W₂ streams from memory: 1.3×
-      at 10%, 0.7× at 20%), ≤ 3% for ≥ 100K weights (a 1024×1024 layer gains 1.9× at
-      2% and loses at 5%), and never for smaller layers (call overhead);
-    * 2–64 rows: sparse at density ≤ 5% when rows × weights ≥ 1M (1.3–3.2× at 5%,
-      about even at 10%);
-    * more rows: BLAS's GEMM is at its best; sparse at ≤ 2% when rows × weights ≥ 1M.
-
-    GPU (``cupyx.scipy.sparse``): not measured (no GPU on the development machine); a
-    conservative guess, sparse only for one row, ≥ 1M weights and density ≤ 10%.
+    GPU: not measured; a conservative guess, sparse only for one row, ≥ 1M weights and density ≤ 10%.
     """
     if xp is not numpy:
         return rows == 1 and n_weights >= 1_000_000 and density <= 0.10
@@ -47,9 +39,8 @@ def prefer_sparse(density, rows, n_weights, xp=numpy):
 
 
 def layer_operand(layer, x):
-    """The dense operand ``X`` (M, K) of a Linear/Conv2d's product ``X W₂ᵀ`` and the shape
-    its (M, F) result takes: x itself for a Linear (shape None), the im2col rows
-    (N·Ho·Wo, kh·kw·C) for a Conv2d (shape (N, Ho, Wo, F))."""
+    """The dense operand ``X`` (M, K) of a Linear/Conv2d's product ``X W₂ᵀ`` and the shape its (M, F)
+    result takes: x for a Linear (shape None), the im2col rows (N·Ho·Wo, kh·kw·C) for a Conv2d (N, Ho, Wo, F)."""
     if isinstance(layer, L.Linear):
         return x, None
     F, kh, kw, _ = layer.params["W"].data.shape
@@ -59,31 +50,24 @@ def layer_operand(layer, x):
 
 
 def sparse_matmul_t(W_csr, X):
-    """``Y = X Wᵀ`` for dense X (M, K) and sparse W (F, K) → (M, F).
-
-    M = 1 runs one sparse matrix-vector product ``W x``; otherwise ``(W Xᵀ)ᵀ``.
-    """
-    if X.shape[0] == 1:
-        return (W_csr @ X[0])[None, :]
-    return (W_csr @ X.T).T
+    """``Y = X Wᵀ`` for dense X (M, K), sparse W (F, K) → (M, F): one SpMV ``W x`` if M = 1, else ``(W Xᵀ)ᵀ``."""
+    return (W_csr @ X[0])[None, :] if X.shape[0] == 1 else (W_csr @ X.T).T
 
 
 class SparseNetwork:
     """Inference with pruned layers as sparse matrix products.
 
-    ``mode``: ``"auto"`` picks dense or sparse per layer and call by
-    :func:`prefer_sparse`; ``"dense"`` / ``"sparse"`` force one for every Linear/Conv2d.
-    Each such layer keeps its dense matrix ``W₂`` (F, K) and its CSR copy; other layers
-    run their ordinary forward pass. Predictions equal the dense network's (the same
-    products, summed in another order: logits agree to float32 rounding).
+    ``mode``: ``"auto"`` picks dense or sparse per layer and call by :func:`prefer_sparse`; ``"dense"`` /
+    ``"sparse"`` force one for every Linear/Conv2d. Each such layer keeps its dense matrix ``W₂`` (F, K) and
+    its CSR copy; other layers run their ordinary forward pass. Predictions equal the dense network's (the
+    same products, summed in another order: logits agree to float32 rounding).
     """
 
     def __init__(self, net, mode="auto"):
         if mode not in ("auto", "dense", "sparse"):
             raise SparsenetError(f"unknown inference mode {mode!r}: use auto, dense or sparse")
         self.net, self.mode, self.xp = net, mode, net.xp
-        sp = sparse_module(self.xp)
-        self.mats = {}
+        sp, self.mats = sparse_module(self.xp), {}
         for l in net.layers:
             if isinstance(l, L.Linear | L.Conv2d):
                 W2 = as_matrix(l.params["W"].data)
@@ -107,16 +91,14 @@ class SparseNetwork:
         W2, _, density = self.mats[name]
         return prefer_sparse(density, rows, W2.size, self.xp)
 
-    def _product(self, name, X):
-        W2, csr, _ = self.mats[name]
-        return sparse_matmul_t(csr, X) if self._sparse(name, X.shape[0]) else X @ W2.T
-
     def forward(self, x):
         """Logits for a batch ``x`` (N, *input_shape)."""
         for l in self.net.layers:
             if l.name in self.mats:
                 X, shape = layer_operand(l, x)
-                y = self._product(l.name, X) + l.params["b"].data
+                W2, csr, _ = self.mats[l.name]
+                y = sparse_matmul_t(csr, X) if self._sparse(l.name, X.shape[0]) else X @ W2.T
+                y = y + l.params["b"].data
                 x = y if shape is None else y.reshape(shape)
             else:
                 x = l.forward(x)

@@ -180,7 +180,7 @@ class Network:
         return rows
 
     def freeze(self, names):
-        """Freeze exactly the layers named in ``names`` (no parameter updates; §3.4).
+        """Freeze exactly the layers named in ``names`` (no parameter updates; §3.3).
 
         The backward pass then stops at the first layer that still trains: nothing
         below it needs an input gradient.

@@ -1,74 +1,46 @@
 """Model files: a pruned network's weights *and connections* on disk (HDF5, no pickle).
 
-The paper ("Storage") stores a pruned layer sparse, with relative indices of 5 bits (FC)
-or 8 bits (conv). :func:`export_model` writes a network in three encodings (the arrays
-of :mod:`sparsenet.codecs`), :func:`load_model` reads one back with full validation,
-:func:`storage_report` and :func:`export_sizes` say what each costs.
+The paper ("Storage") stores a pruned layer sparse, with relative indices of 5 bits (FC) or 8 bits (conv).
+:func:`export_model` writes a network in one of three encodings (the arrays of :mod:`sparsenet.codecs`),
+:func:`load_model` reads one back with full validation, :func:`storage_report` and :func:`export_sizes` say
+what each costs. A file records which connections exist; a surviving weight of value 0.0 is still one.
+Each weight is stored as the (rows, cols) matrix its layer multiplies with (:func:`~sparsenet.codecs.as_matrix`).
 
-A file records which connections exist; loading never infers a mask from the values (a
-surviving weight may have trained to exactly 0.0 and is still a connection). Each weight
-is stored as the (rows, cols) matrix its layer multiplies with (:func:`~sparsenet.codecs.as_matrix`).
+Model file, version 2 (HDF5)::
 
-Model file, version 2 (HDF5)
-----------------------------
-::
+    /              attrs: format="sparsenet-model", version=2, encoding="dense" | "csr" | "relative",
+                          network (JSON: Network.spec(); all layer shapes come from it)
+    /params/<l>.b  float32, dense: biases (every parameter that is not prunable)
+    /params/<l>.W  dense:    float32 dataset of the weight's own shape
+                   csr:      group, attrs shape=(rows, cols), tensor_shape; datasets data float32 (nnz,),
+                             indices int32 (nnz,), indptr int32 (rows+1,) (the CSR of sparsenet.codecs)
+                   relative: not under /params, but in two streams for all pruned weights (network order):
+    /values        float32 (Σ nnz,): each pruned weight's connection values in row-major order
+    /codes         uint8: each weight's bit-packed relative indices, ⌈n_codes·bits/8⌉ bytes, byte-aligned;
+                   attrs bits, n_codes, n_values (int64, one per pruned weight), shapes (JSON: tensor shapes)
+    /masks/<l>.W   dense only, a prunable weight's mask unless all ones: uint8 (⌈size/8⌉,),
+                   ``numpy.packbits(M.ravel(), bitorder="little")``
 
-    /                  attrs: format="sparsenet-model", version=2,
-                              encoding="dense" | "csr" | "relative",
-                              network (JSON: Network.spec(); all layer shapes come from it)
-    /params/<l>.b      float32, dense: biases (every parameter that is not prunable)
-    /params/<l>.W      dense:    float32 dataset of the weight's own shape
-                       csr:      group, attrs shape=(rows, cols), tensor_shape
-                                   data    float32 (nnz,)     the connections' values row by
-                                                              row, columns ascending
-                                   indices int32   (nnz,)     their column
-                                   indptr  int32   (rows+1,)  row r is data[indptr[r]:indptr[r+1]]
-                       relative: not under /params, but in two streams for all pruned weights:
-    /values            float32 (Σ nnz,): each pruned weight's connection values in row-major
-                       order, one weight after the other (network order)
-    /codes             uint8: each weight's bit-packed relative indices, ⌈n_codes·bits/8⌉
-                       bytes apiece, every weight starting on a byte boundary; attributes
-                       bits, n_codes, n_values: int64 arrays, one entry per pruned weight;
-                       shapes: JSON list of each pruned weight's tensor shape
-    /masks/<l>.W       dense only, for a prunable weight whose mask is not all ones: uint8
-                       (⌈size/8⌉,), the mask in C order one bit per entry, least significant
-                       bit first (``numpy.packbits(M.ravel(), bitorder="little")``, padding
-                       bits 0); a weight without one has every connection
+``nnz`` counts connections (mask ones) whatever their value, so the stored sparse structure *is* the mask.
+(Two streams, not two datasets per weight: HDF5 headers cost ~270 bytes a dataset.) Version 1 has no
+``/masks`` or ``shapes`` and stored only non-zero weights: its mask is the stored structure (csr,
+relative) or ``W ≠ 0`` (dense). Both versions load.
 
-``nnz`` counts connections (mask ones), whatever their value: CSR and relative store
-exactly the mask's ones, a connection of value 0.0 with the value 0.0, so the stored
-structure *is* the mask. (Two streams rather than a group of two datasets per weight:
-HDF5 headers cost ~270 bytes a dataset, and the per-weight layout made LeNet-300-100's
-file 2.2 KB, 2%, larger.)
+Container (:mod:`sparsenet.h5io`): HDF5 1.10, every non-empty dataset one chunk with a Fletcher-32
+checksum; the sparse streams and packed masks also shuffled and deflated; dense weights not compressed.
 
-Version 1 (files written before connections were stored) has the same layout without
-``/masks`` and the ``shapes`` attribute, and stored only non-zero weights. Its rule on
-loading: the mask is the stored structure (csr, relative) or ``W ≠ 0`` (dense) — v1 never
-stored a surviving weight of value 0.0, so that is all there is. Both versions load.
+Loading validates everything (format, version, :func:`~sparsenet.model.check_spec` of the description,
+every array's shape, dtype and structure, finite values) before allocating, then the pruning rule
+(:meth:`~sparsenet.param.Param.load`); a problem raises a one-line :class:`SparsenetError` naming the file.
 
-Container (:mod:`sparsenet.h5io`): HDF5 1.10 object format, no free-space manager, text
-as fixed-length bytes; every non-empty dataset is one chunk with a Fletcher-32 checksum;
-the sparse streams (``values``, ``codes``, CSR ``data``/``indices``/``indptr``) and the
-packed masks are also stored with byte shuffle and deflate (lossless). Dense weights are
-not compressed.
-
-Loading validates before allocating: the format tag and version, the network description
-(:func:`~sparsenet.model.check_spec`: layer kinds, shapes chaining from input to output,
-a size limit), then every stored array against the shape the description declares
-(dense dataset shapes, CSR ``shape``/``tensor_shape``, the relative ``shapes`` and
-decoded positions that fit the matrix), dtypes, CSR and relative-index structure and
-finite values — all before the network is built; then each parameter is installed with
-:meth:`~sparsenet.param.Param.load`, which checks the pruning rule (value 0 where the mask
-is 0). A problem raises a one-line :class:`SparsenetError` naming the file.
-
-Index overhead (as the paper's 15.6% = 5 bits per 32-bit value) is the index bits over
-the value bits: CSR ``32·(nnz + rows + 1) / 32·nnz``; relative ``bits·n_codes / 32·nnz``
-(fillers included).
+Index overhead (the paper's 15.6% = 5 bits per 32-bit value) is index bits over value bits: CSR
+``32·(nnz + rows + 1) / 32·nnz``, relative ``bits·n_codes / 32·nnz`` (fillers included).
 """
 import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -78,16 +50,8 @@ from . import h5io
 from .backend import asnumpy, to_device
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import load_checkpoint
-from .codecs import (
-    as_matrix,
-    check_csr,
-    csr_from_dense,
-    csr_to_dense,
-    pack_bits,
-    relative_decode,
-    relative_encode,
-    unpack_bits,
-)
+from .codecs import (as_matrix, check_csr, csr_from_dense, csr_to_dense, pack_bits, relative_decode,
+                     relative_encode, unpack_bits)
 from .model import build_network, check_spec
 from .util import SparsenetError
 
@@ -98,16 +62,21 @@ BITS = {"linear": 5, "conv2d": 8}  # relative-index width per layer kind (the pa
 
 
 def _layout(spec):
-    """``[(name, layer kind, shape, prunable)]`` for every parameter a network description
-    declares, in network order, once :func:`~sparsenet.model.check_spec` accepts it (it
-    raises SparsenetError otherwise). A layer's weight ``W`` is prunable, its bias is not."""
+    """``[(name, layer kind, shape, prunable)]`` of every parameter a network description declares, in
+    network order, once :func:`~sparsenet.model.check_spec` accepts it (SparsenetError otherwise)."""
     shapes = check_spec(spec)
     kinds = {s["name"]: s["kind"] for s in spec["layers"]}
-    out = []
-    for name, shape in shapes.items():
-        layer, key = name.rsplit(".", 1)
-        out.append((name, kinds[layer], tuple(shape), key == "W"))
-    return out
+    return [(name, kinds[name.rsplit(".", 1)[0]], tuple(shape), name.endswith(".W"))  # weights W are prunable
+            for name, shape in shapes.items()]
+
+
+@contextmanager
+def _prefixed(prefix, errors=(SparsenetError,)):
+    """Re-raise ``errors`` from the block as a one-line SparsenetError ``prefix + message``."""
+    try:
+        yield
+    except errors as e:
+        raise SparsenetError(f"{prefix}{e}") from None
 
 
 # ----------------------------------------------------------------------------- storage
@@ -129,13 +98,10 @@ def _param_cost(p, kind):
 def storage_report(net):
     """Bytes of the parameters in each encoding, per layer and in total (payload, no HDF5 overhead).
 
-    Returns ``{"layers": [row, ...], "total": row}``. A row: ``params``, ``weights``
-    (prunable entries), ``nonzero`` (surviving weights: connections, mask ones, whatever
-    their value), ``density``, ``fillers``, ``dense_bytes``, ``csr_bytes``,
-    ``relative_bytes`` (biases dense in all three), ``csr_overhead_pct`` /
-    ``relative_overhead_pct`` (index bits over the bits of the surviving weight values)
-    and the compression ratios ``ratio_csr``, ``ratio_relative`` (dense bytes over that
-    encoding's bytes).
+    Returns ``{"layers": [row, ...], "total": row}``. A row: ``params``, ``weights`` (prunable entries),
+    ``nonzero`` (connections: mask ones, whatever their value), ``density``, ``fillers``, ``dense_bytes``,
+    ``csr_bytes``, ``relative_bytes`` (biases dense in all three), ``csr_overhead_pct`` / ``relative_overhead_pct``
+    (index bits over the surviving values' bits), ``ratio_csr``, ``ratio_relative`` (dense over encoded bytes).
     """
     rows = []
     for l in net.layers:
@@ -155,46 +121,30 @@ def storage_report(net):
 def export_sizes(net):
     """Bytes on disk of ``net`` exported in each encoding (written to a temporary directory)."""
     with tempfile.TemporaryDirectory() as d:
-        sizes = {}
         for enc in ENCODINGS:
             export_model(net, Path(d) / f"{enc}.h5", enc)
-            sizes[enc] = os.path.getsize(Path(d) / f"{enc}.h5")
-    return sizes
+        return {enc: os.path.getsize(Path(d) / f"{enc}.h5") for enc in ENCODINGS}
 
 
 # ----------------------------------------------------------------------------- writing
-def _checked_layout(net, path):
-    """:func:`_layout` of ``net``'s description, after checking that the description is a
-    valid network, that its parameters are the ones it declares and that each obeys the
-    pruning rule; a one-line SparsenetError otherwise."""
+def export_model(net, path, encoding="relative"):
+    """Write ``net``'s parameters and connections to ``path`` (HDF5, atomically) in one of :data:`ENCODINGS`.
+
+    Layout and filters: module docstring. A network whose description fails :func:`~sparsenet.model.check_spec`,
+    does not match its parameters or breaks the pruning rule is refused (:class:`SparsenetError`, nothing written).
+    """
+    if encoding not in ENCODINGS:
+        raise SparsenetError(f"unknown format {encoding!r}: choose from {', '.join(ENCODINGS)}")
     params = net.params()
-    try:
+    with _prefixed(f"{path}: cannot export this network: "):
         layout = _layout(net.spec())
         declared = [(name, shape, prunable) for name, _, shape, prunable in layout]
         have = [(name, tuple(p.data.shape), p.prunable) for name, p in params.items()]
         if have != declared:
             raise SparsenetError(f"its parameters {have} are not the {declared} its description declares")
         for name, p in params.items():
-            try:
+            with _prefixed(f"parameter {name!r}: "):
                 p.check()
-            except SparsenetError as e:
-                raise SparsenetError(f"parameter {name!r}: {e}") from None
-    except SparsenetError as e:
-        raise SparsenetError(f"{path}: cannot export this network: {e}") from None
-    return layout
-
-
-def export_model(net, path, encoding="relative"):
-    """Write ``net``'s parameters and connections to ``path`` (HDF5, atomically) in one of
-    :data:`ENCODINGS`.
-
-    Layout and filters: module docstring. A network whose description fails
-    :func:`~sparsenet.model.check_spec` (or does not match its parameters) is refused
-    with a :class:`SparsenetError` and nothing is written.
-    """
-    if encoding not in ENCODINGS:
-        raise SparsenetError(f"unknown format {encoding!r}: choose from {', '.join(ENCODINGS)}")
-    layout, params = _checked_layout(net, path), net.params()
     with h5io.create(path) as f:
         h5io.set_text(f, "format", FORMAT)
         f.attrs["version"] = VERSION
@@ -209,8 +159,7 @@ def export_model(net, path, encoding="relative"):
                     h5io.write_dataset(f.require_group("masks"), name, pack_bits(M, 1), compress=True)
             elif encoding == "csr":
                 g = group.create_group(name)
-                g.attrs["shape"] = as_matrix(W).shape
-                g.attrs["tensor_shape"] = shape
+                g.attrs["shape"], g.attrs["tensor_shape"] = as_matrix(W).shape, shape
                 for key, a in zip(("data", "indices", "indptr"), csr_from_dense(as_matrix(W), as_matrix(M)),
                                   strict=True):
                     h5io.write_dataset(g, key, a, compress=True)
@@ -234,14 +183,11 @@ def _write_streams(f, streams):
 
 # ----------------------------------------------------------------------------- reading
 def load_model(path, xp=numpy):
-    """Read a model file written by :func:`export_model` (either version) or a training
-    checkpoint.
+    """Read a model file written by :func:`export_model` (either version) or a training checkpoint.
 
-    Returns a :class:`~sparsenet.model.Network` on the array module ``xp`` whose weights
-    are exactly the exported ones and whose masks are the stored connections (version 1:
-    the rule in the module docstring). Everything is validated before the network is
-    allocated (module docstring); a problem raises :class:`SparsenetError` naming the
-    file (and the parameter).
+    Returns a :class:`~sparsenet.model.Network` on the array module ``xp`` whose weights are exactly the
+    exported ones and whose masks the stored connections (version 1: module docstring). Everything is
+    validated first; a problem raises :class:`SparsenetError` naming the file (and the parameter).
     """
     path = Path(path)
     with h5io.open_file(path, "model") as f:
@@ -262,54 +208,38 @@ def _read_model(f, path, xp):
     if encoding not in ENCODINGS:
         raise SparsenetError(f"{path}: unknown encoding {encoding!r}")
     text = h5io.text_attr(f, "network")
-    try:
+    with _prefixed(f"{path}: cannot rebuild the network: ", (SparsenetError, ValueError)):
         if text is None:
             raise ValueError("attribute 'network' is missing")
         spec = json.loads(text)
         layout = _layout(spec)
-    except (SparsenetError, ValueError) as e:
-        raise SparsenetError(f"{path}: cannot rebuild the network: {e}") from None
-    params = f.get("params")
-    if not isinstance(params, h5py.Group):
+    if not isinstance(f.get("params"), h5py.Group):
         raise SparsenetError(f"{path}: group 'params' is missing")
-    pruned = [(name, shape) for name, _, shape, prunable in layout if prunable]
-    streams = {}
+    streams, arrays = {}, {}
     if encoding == "relative":
-        try:
-            streams = dict(zip([n for n, _ in pruned], _relative_streams(f, [s for _, s in pruned], version),
-                               strict=True))
-        except (ValueError, TypeError, OSError) as e:
-            raise SparsenetError(f"{path}: relative-index streams: {e}") from None
-    arrays = {}
+        with _prefixed(f"{path}: relative-index streams: ", (ValueError, TypeError, OSError)):
+            streams = _relative_streams(f, layout, version)
     for name, _, shape, prunable in layout:
-        try:
+        with _prefixed(f"{path}: parameter {name!r}: ", (ValueError, TypeError, KeyError, OSError)):
             arrays[name] = _read_weight(f, name, encoding, shape, prunable, version, streams.get(name))
-        except (ValueError, TypeError, KeyError, OSError) as e:
-            raise SparsenetError(f"{path}: parameter {name!r}: {e}") from None
-    try:
+    with _prefixed(f"{path}: cannot rebuild the network: "):
         net = build_network(spec, xp=xp)
-    except SparsenetError as e:
-        raise SparsenetError(f"{path}: cannot rebuild the network: {e}") from None
     for name, p in net.params().items():
         W, M = arrays.pop(name)
-        try:
+        with _prefixed(f"{path}: parameter {name!r}: "):
             p.load(to_device(W, xp), to_device(M, xp))
-        except SparsenetError as e:
-            raise SparsenetError(f"{path}: parameter {name!r}: {e}") from None
     return net
 
 
 def _member(g, key, cls):
     """``g[key]`` if it exists and is a ``cls`` (h5py.Dataset or h5py.Group)."""
-    obj = g.get(key)
-    if isinstance(obj, cls):
+    if isinstance(obj := g.get(key), cls):
         return obj
     raise ValueError(f"{'dataset' if cls is h5py.Dataset else 'group'} {key!r} is missing")
 
 
 def _dataset(g, key, kinds, shape=None):
-    """``g[key]`` as a NumPy array after checking that it exists, its dtype kind and shape
-    (``shape=None``: any 1-D array). The shape is checked before anything is read."""
+    """``g[key]`` as a NumPy array, its dtype kind and shape (``None``: any 1-D) checked before reading."""
     d = _member(g, key, h5py.Dataset)
     if d.dtype.kind not in kinds:
         raise ValueError(f"{key!r} has dtype {d.dtype}, expected {'integers' if 'f' not in kinds else 'float32'}")
@@ -318,20 +248,20 @@ def _dataset(g, key, kinds, shape=None):
     return d[()]
 
 
-def _relative_streams(f, shapes, version):
-    """The per-weight ``(bits, n_codes, packed codes, values)`` of a relative file whose
-    pruned weights have the declared ``shapes`` (checked against the ``shapes`` attribute
-    in version 2)."""
-    n = len(shapes)
+def _relative_streams(f, layout, version):
+    """``{name: (bits, n_codes, packed codes, values)}`` of each pruned weight of a relative file, its
+    shape as ``layout`` declares (and, in version 2, as the ``shapes`` attribute says)."""
+    names = [name for name, _, _, prunable in layout if prunable]
+    shapes = [list(shape) for _, _, shape, prunable in layout if prunable]
     d = _member(f, "codes", h5py.Dataset)
     table = [numpy.atleast_1d(d.attrs.get(key, [])).astype(numpy.int64) for key in ("bits", "n_codes", "n_values")]
-    if any(t.shape != (n,) for t in table):
-        raise ValueError(f"attributes bits, n_codes, n_values of 'codes' must list {n} pruned parameters")
+    if any(t.shape != (len(names),) for t in table):
+        raise ValueError(f"attributes bits, n_codes, n_values of 'codes' must list {len(names)} pruned parameters")
     if version >= 2:
         text = h5io.text_attr(d, "shapes")
         stored = json.loads(text) if text is not None else None
-        if stored != [list(s) for s in shapes]:
-            raise ValueError(f"attribute shapes of 'codes' is {stored}, expected {[list(s) for s in shapes]} "
+        if stored != shapes:
+            raise ValueError(f"attribute shapes of 'codes' is {stored}, expected {shapes} "
                              f"(from the network description)")
     bits, n_codes, n_values = table
     if (bits < 1).any() or (bits > 8).any() or (n_codes < 0).any() or (n_values < 0).any():
@@ -342,22 +272,27 @@ def _relative_streams(f, shapes, version):
         raise ValueError(f"'codes' has {len(codes)} bytes and 'values' {len(values)} entries, "
                          f"the attributes of 'codes' call for {nbytes.sum()} and {n_values.sum()}")
     cb, cv = numpy.cumsum(nbytes) - nbytes, numpy.cumsum(n_values) - n_values
-    return [(int(bits[i]), int(n_codes[i]), codes[cb[i]:cb[i] + nbytes[i]], values[cv[i]:cv[i] + n_values[i]])
-            for i in range(n)]
+    return {name: (int(bits[i]), int(n_codes[i]), codes[cb[i]:cb[i] + nbytes[i]],
+                   values[cv[i]:cv[i] + n_values[i]]) for i, name in enumerate(names)}
 
 
 def _read_weight(f, name, encoding, shape, prunable, version, stream=None):
-    """``(W, M)``: the float32 value and 0/1 mask of parameter ``name`` (of ``shape``).
-
-    Dense arrays and CSR groups come from ``/params``, a relative weight from its
-    ``stream`` (:func:`_relative_streams`); masks as the module docstring says. Raises
-    ValueError (or OSError from a damaged file) on any inconsistency.
-    """
+    """``(W, M)``: float32 value and 0/1 mask of parameter ``name`` (of ``shape``), from ``/params`` or a
+    relative ``stream`` (:func:`_relative_streams`). ValueError (or OSError if damaged) on any inconsistency."""
     if encoding == "dense" or not prunable:
         W = _finite_float32(_dataset(f["params"], name, "f", shape))
-        if not prunable:
+        if not prunable or version == 1:  # version 1: the mask is W != 0
+            return W, ((W != 0) if prunable else numpy.ones_like(W)).astype(numpy.float32)
+        masks = f.get("masks")
+        if masks is not None and not isinstance(masks, h5py.Group):
+            raise ValueError("'masks' is not a group")
+        if masks is None or name not in masks:
             return W, numpy.ones_like(W)
-        return W, ((W != 0).astype(numpy.float32) if version == 1 else _dense_mask(f, name, shape))
+        try:
+            bits = unpack_bits(_dataset(masks, name, "u"), 1, math.prod(shape))
+        except ValueError as e:
+            raise ValueError(f"mask: {e}") from None
+        return W, bits.reshape(shape).astype(numpy.float32)
     mshape = (shape[0], math.prod(shape[1:]))
     if encoding == "csr":
         g = _member(f["params"], name, h5py.Group)
@@ -365,8 +300,7 @@ def _read_weight(f, name, encoding, shape, prunable, version, stream=None):
             got = tuple(numpy.atleast_1d(g.attrs.get(key, ())).tolist())
             if got != want:
                 raise ValueError(f"attribute {key} is {got}, expected {want} (from the network description)")
-        data = _dataset(g, "data", "f")
-        indices, indptr = _dataset(g, "indices", "iu"), _dataset(g, "indptr", "iu")
+        data, indices, indptr = _dataset(g, "data", "f"), _dataset(g, "indices", "iu"), _dataset(g, "indptr", "iu")
         check_csr(data, indices, indptr, mshape)
     else:
         bits, n_codes, packed, values = stream
@@ -374,21 +308,6 @@ def _read_weight(f, name, encoding, shape, prunable, version, stream=None):
     W = csr_to_dense(_finite_float32(data), indices, indptr, mshape)
     M = csr_to_dense(numpy.ones_like(data), indices, indptr, mshape)
     return W.reshape(shape), M.reshape(shape)
-
-
-def _dense_mask(f, name, shape):
-    """The mask of prunable weight ``name`` in a version-2 dense file: ``/masks/<name>``
-    unpacked, or all ones where the file stores none."""
-    masks = f.get("masks")
-    if masks is not None and not isinstance(masks, h5py.Group):
-        raise ValueError("'masks' is not a group")
-    if masks is None or name not in masks:
-        return numpy.ones(shape, dtype=numpy.float32)
-    try:
-        bits = unpack_bits(_dataset(masks, name, "u"), 1, math.prod(shape))
-    except ValueError as e:
-        raise ValueError(f"mask: {e}") from None
-    return bits.reshape(shape).astype(numpy.float32)
 
 
 def _finite_float32(a):

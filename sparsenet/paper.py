@@ -1,10 +1,7 @@
-"""The numbers Han, Pool, Tran and Dally publish (NIPS 2015, "Learning both Weights and
-Connections for Efficient Neural Networks"), the one copy the code imports (reports,
-reproductions, benchmarks, tests); ``docs/paper.md`` explains them. Fractions (``.08`` is
-8%), top-1 errors (``top5_*`` where given), parameter counts with biases as published
-(267K is ``267_000``). Per-layer rows have the columns the paper prints: ``weights``,
-``flop`` (per image), ``act``, ``weights_left``, ``flop_left`` for the LeNets (Tables
-2, 3); ``weights_left`` only for AlexNet and VGG-16 (Tables 4, 5)."""
+"""The numbers Han, Pool, Tran and Dally publish (NIPS 2015, "Learning both Weights and Connections
+for Efficient Neural Networks"), the one copy the code imports; ``docs/paper.md`` explains them.
+Fractions (``.08`` is 8%), top-1 errors (``top5_*`` where given), parameter counts with biases as
+published (267K is ``267_000``); per-layer columns as printed (AlexNet, VGG-16: ``weights_left`` only)."""
 # Table 1: the whole networks before and after pruning.
 TABLE1 = {
     "lenet-300-100": {"dataset": "mnist", "error_before": .0164, "error_after": .0159,

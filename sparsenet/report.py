@@ -1,31 +1,18 @@
 """Per-layer report (the paper's Tables 2 and 3) and layer sensitivity (its Fig. 6).
 
-One row per parametric layer (linear, conv); docs/paper.md, "Results", says how the
-columns compare with the paper's (:data:`sparsenet.paper.LAYERS`, printed beside ours):
+One row per parametric layer (linear, conv), beside :data:`sparsenet.paper.LAYERS` (see docs/paper.md):
+``weights`` and ``FLOP = 2 · MACs`` per sample are those of the dense layer it was pruned from
+(``net.origin``); ``weights% left`` = surviving (mask-one) weights / origin weights;
 
-* ``weights``, ``FLOP = 2 · MACs`` per sample — of the layer in the dense network it was
-  pruned from (``net.origin``): layers shrunk by dead-neuron removal are measured
-  against their origin, always.
-* ``act%`` — non-zero share of the activation the layer hands on (after the unit-wise
-  layers that follow it: ReLU, max-pool, dropout = identity, flatten), i.e. the next
-  parametric layer's input; for the last layer its logits. Exact over the test set;
-  removed units count as zeros (``entries = entries now · units_origin / units_now``).
-* ``weights% left`` — surviving (mask-one) weights / origin weights.
-* ``FLOP% left`` — multiplications whose weight survives *and* whose input is non-zero,
-  summed over the test set, / ``origin MACs · N``. The image counts as dense (every
-  pixel non-zero, as in the paper), zero padding as zero input.
+* ``act%``: non-zero share, over the test set, of the activation the layer hands on (after ReLU,
+  max-pool, dropout, flatten; the logits for the last layer), removed units counting as zeros;
+* ``FLOP% left``: multiplications whose weight survives *and* whose input is non-zero, summed over
+  the test set, / ``origin MACs · N`` (the image dense, zero padding zero). With ``S`` the count of
+  non-zero inputs per entry: linear ``Σ_i S[i] · Σ_o M[o, i]``, conv
+  ``Σ_{i,j,c} Σ_{p,q} S_pad[s·p+i, s·q+j, c] · Σ_f M[f, i, j, c]``.
 
-With the input indicator ``z = [a ≠ 0]`` and mask ``M`` the count is exact and, being
-bilinear, needs only ``S = Σ_n z[n]`` (non-zeros per input entry over the test set)::
-
-    linear, M (out, in):           Σ_n Σ (z[n] Mᵀ)         = Σ_i S[i] · Σ_o M[o, i]
-    conv,   M (F, kh, kw, C):      Σ_{n,p,q} im2col(z) M₂ᵀ = Σ_{i,j,c} Σ_{p,q} S_pad[s·p+i, s·q+j, c] · Σ_f M[f, i, j, c]
-
-Totals: weights and FLOP summed, ``act`` = all non-zero activations / all activations,
-``weights% left`` and ``FLOP% left`` = survivors / origin; compression = ``params /
-nonzero_params``, both with biases. Sensitivity prunes one layer at a time to a sweep of
-ratios without retraining; the network is restored bitwise afterwards. Figures:
-:mod:`sparsenet.figures`.
+Totals: weights and FLOP summed, act% = all non-zero / all activations, compression = ``params /
+nonzero_params`` (with biases). Sensitivity prunes one layer at a time, without retraining.
 """
 import json
 import math
@@ -47,11 +34,8 @@ DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0, 0.05, ...,
 
 # ----------------------------------------------------------------------------- counting
 def macs_left(layer, S):
-    """Multiplications of ``layer`` with a surviving weight and a non-zero input.
-
-    ``S`` (the layer's input shape, integers): ``S[e]`` = number of samples whose input
-    entry ``e`` is non-zero. Returns the exact count summed over those samples (int).
-    """
+    """Multiplications of ``layer`` with a surviving weight and a non-zero input, summed over
+    the samples; ``S`` (the layer's input shape): ``S[e]`` = samples whose entry ``e`` is non-zero."""
     S = S.astype(numpy.int64)
     per_weight = (layer.params["W"].mask != 0).sum(axis=0, dtype=numpy.int64)  # Σ over units
     if isinstance(layer, L.Linear):
@@ -64,12 +48,8 @@ def macs_left(layer, S):
 
 
 def _nonzero_counts(net, x, t, batch_size):
-    """One batched inference pass: per parametric layer ``(S_in, S_out)``, and the number of errors.
-
-    ``S_out`` counts, per entry, the samples where the activation handed on by the layer
-    is non-zero; ``S_in`` is the previous layer's ``S_out`` (the input as dense: ``N``
-    everywhere, for the first one).
-    """
+    """One batched inference pass: per parametric layer ``(S_in, S_out)`` (per entry, the samples
+    where its input / the activation it hands on is non-zero; the image as dense), and the errors."""
     xp = get_array_module(x)
     S, inputs, wrong = {}, {}, 0
     for start in range(0, len(x), batch_size):
@@ -101,23 +81,8 @@ def _row(name, kind, weights, survivors, macs, left, nonzero, entries, n):
 
 
 def layer_report(net, x, batch_size=1000, *, t=None):
-    """The paper's per-layer table for ``net`` on the inputs ``x`` (module docstring).
-
-    Parameters
-    ----------
-    net : :class:`sparsenet.model.Network`; only read (its layer caches are cleared).
-    x : array (N, *net.input_shape), NumPy or CuPy — the test set.
-    batch_size : rows per forward pass.
-    t : optional labels (N,): the report then carries the top-1 ``error``.
-
-    Returns
-    -------
-    dict with ``layers`` (one row per parametric layer: name, kind, weights, flop, act,
-    weights_left, flop_left as fractions in [0, 1], plus the raw counts weights_nonzero,
-    macs (origin, per sample), macs_left (over the test set), act_nonzero, act_entries),
-    ``total`` (same keys), ``params``, ``nonzero_params``, ``compression``, ``samples``,
-    ``model`` and ``error`` (None without ``t``).
-    """
+    """The paper's per-layer table for ``net`` (only read) on the test inputs ``x``; with labels ``t``
+    also the top-1 ``error``. Rows (``layers``, ``total``) give fractions and the raw counts behind them."""
     n = len(x)
     if n == 0:
         raise SparsenetError("cannot report on an empty data set")
@@ -130,7 +95,7 @@ def layer_report(net, x, batch_size=1000, *, t=None):
         o = net.origin[l.name]
         units_now = l.params["W"].data.shape[0]
         units_origin = o["params"] - o["weights"]  # one bias per unit
-        entries = n * math.prod(S_out.shape) * units_origin // units_now
+        entries = n * math.prod(S_out.shape) * units_origin // units_now  # removed units as zeros
         rows.append(_row(l.name, l.kind, o["weights"], l.params["W"].nonzero(), o["macs"],
                          macs_left(l, S_in), int(S_out.sum()), entries, n))
     total = _row("total", "", *(sum(r[k] for r in rows) for k in
@@ -157,19 +122,8 @@ def _batched(layers, x, batch_size, fn):
 
 
 def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=1000):
-    """Test error with one layer pruned to each ratio, no retraining (the paper's Fig. 6).
-
-    For every layer in ``layers`` (default: all prunable) and every ratio r, the layer
-    alone gets ``percentile_mask(W, M, r)``: a fraction r of its current weights pruned,
-    counting those already pruned (so r below its sparsity changes nothing). The layer's
-    input is computed once per layer and only the rest of the network is re-run. Only
-    the layer's value is swapped for the trial ``W ⊙ M`` (inference reads no mask; the
-    mask itself is never touched) and the very same array is put back afterwards, so
-    the network is unchanged bitwise.
-
-    Returns ``{"ratios": [...], "layers": {name: [error per ratio]}, "baseline": error,
-    "samples": N, "model": name}``; errors are fractions.
-    """
+    """Test error with one layer pruned to each ratio, no retraining (the paper's Fig. 6): each layer
+    alone gets ``percentile_mask(W, M, r)`` and is then restored bitwise. ``layers``: {name: [errors]}."""
     ratios = [float(r) for r in ratios]
     if not ratios or not all(0.0 <= r <= 1.0 for r in ratios):
         raise SparsenetError(f"pruning ratios must be numbers in [0, 1], got {ratios}")
@@ -209,7 +163,7 @@ def pct(v, digits=1):
     return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def _text_table(header, rows):
+def text_table(header, rows):
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join(fmt.format(*map(str, r)) for r in [header, *rows])
@@ -240,7 +194,7 @@ def _summary_line(report):
 
 def format_table(report):
     """Plain-text table of :func:`layer_report` for the terminal."""
-    return _text_table(_COLUMNS, _report_rows(report)) + "\n" + _summary_line(report)
+    return text_table(_COLUMNS, _report_rows(report)) + "\n" + _summary_line(report)
 
 
 def format_markdown(report, paper=None):
@@ -252,9 +206,8 @@ def format_markdown(report, paper=None):
         for r in rows:
             p = paper["rows"].get(r[0], {})
             r += [pct(p.get("act")), pct(p.get("weights_left")), pct(p.get("flop_left"))]
-    title = f"# Per-layer report: {report.get('model') or 'network'}"
-    if report.get("checkpoint"):
-        title += f" (`{report['checkpoint']}`)"
+    title = f"# Per-layer report: {report.get('model') or 'network'}" + (
+        f" (`{report['checkpoint']}`)" if report.get("checkpoint") else "")
     notes = [title, "", _summary_line(report) + ".", "", md_table(header, rows), ""]
     if paper:
         notes += [f"Columns \"paper …\": {paper['source']}, as published (their network, not this one).", ""]
@@ -278,40 +231,37 @@ def format_sensitivity(result, markdown=False):
         return (f"# Sensitivity: {result.get('model') or 'network'}, one layer pruned at a time, no retraining\n\n"
                 f"{md_table(header, rows)}\n\n\"pruned\": fraction of the layer's weights pruned (counting "
                 f"those pruned already); {base}.\n")
-    return _text_table(header, rows) + "\n" + base
+    return text_table(header, rows) + "\n" + base
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _load(checkpoint, out, data_dir, device):
-    """The checkpoint's net, its record head, its dataset's test split and the output folder."""
+def _on_checkpoint(checkpoint, out, data_dir, device, stem, compute, markdown):
+    """``compute(net, x, t, out)`` on a checkpoint's test split, headed by the checkpoint and dataset,
+    written as ``<stem>.json`` and ``<stem>.md`` (``markdown(record)``) into ``out`` (default: its folder)."""
     xp = array_module(device)
     ck = load_checkpoint(checkpoint, xp)
     dataset = ck.config.get("dataset", "mnist")
     x, t = load_split(dataset, ck.net.input_shape, xp, data_dir, split="test")["test"]
     out = Path(out) if out is not None else Path(checkpoint).parent
-    return ck.net, {"checkpoint": str(checkpoint), "dataset": dataset}, x, t, out
-
-
-def _write(out, stem, record, markdown):
+    record = {"checkpoint": str(checkpoint), "dataset": dataset, **compute(ck.net, x, t, out)}
     record["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md"), *record.get("files", [])]
     write_text_atomic(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
-    write_text_atomic(out / f"{stem}.md", markdown)
+    write_text_atomic(out / f"{stem}.md", markdown(record))
     return record
 
 
 def report_checkpoint(checkpoint, out=None, data_dir=None, device=None):
     """:func:`layer_report` of a checkpoint on its dataset's test split; writes
     ``report.json`` and ``report.md`` into ``out`` (default: the checkpoint's folder)."""
-    net, head, x, t, out = _load(checkpoint, out, data_dir, device)
-    rep = {**head, **layer_report(net, x, t=t)}
-    return _write(out, "report", rep, format_markdown(rep, LAYERS.get(net.name)))
+    return _on_checkpoint(checkpoint, out, data_dir, device, "report", lambda net, x, t, _: layer_report(net, x, t=t),
+                          lambda rep: format_markdown(rep, LAYERS.get(rep["model"])))
 
 
 def sensitivity_checkpoint(checkpoint, out=None, ratios=DEFAULT_RATIOS, layers=None, data_dir=None, device=None):
     """:func:`sensitivity` of a checkpoint; writes ``sensitivity.json``, ``sensitivity.md``
     and, with matplotlib, ``sensitivity.png`` into ``out`` (default: the checkpoint's folder)."""
-    net, head, x, t, out = _load(checkpoint, out, data_dir, device)
-    res = {**head, **sensitivity(net, x, t, ratios, layers)}
-    if plot_sensitivity(res, out / "sensitivity.png"):
-        res["files"] = [str(out / "sensitivity.png")]
-    return _write(out, "sensitivity", res, format_sensitivity(res, markdown=True))
+    def compute(net, x, t, out):
+        res, png = sensitivity(net, x, t, ratios, layers), out / "sensitivity.png"
+        return {**res, "files": [str(png)]} if plot_sensitivity(res, png) else res
+    return _on_checkpoint(checkpoint, out, data_dir, device, "sensitivity", compute,
+                          lambda res: format_sensitivity(res, markdown=True))

@@ -1,20 +1,10 @@
 """The paper's LeNet experiments end to end: ``sparsenet reproduce lenet-300-100``.
 
-An experiment is a JSON file in ``reproduce/`` (the repository's folder, or any path)::
-
-    {"experiment": "lenet-300-100",           # names the results folder
-     "train": {...TrainConfig fields...},      # the dense baseline
-     "prune": {...schedule...},                # sparsenet.engine.prune_run (§3.4)
-     "sensitivity": {"ratios": [...]},         # Fig. 6 on the dense net (optional)
-     "tradeoff": {...},                        # Fig. 5 curves (optional, see tradeoff())
-     "bounds": {"max_test_error": 0.0164, "min_compression": 12}}
-
-Only orchestration lives here: dense training → iterative pruning, retraining and
-dead-neuron removal (:mod:`sparsenet.engine`) → per-layer report (:mod:`sparsenet.report`)
-→ figures (:mod:`sparsenet.figures`), beside the paper's numbers (:mod:`sparsenet.paper`),
-into ``reproduce/results/<experiment>/``: ``metrics.json`` (repository-relative paths),
-``report.md``, ``fig4_pattern.png``, ``fig5_tradeoff.png``, ``fig6_sensitivity.png``.
-The runs (checkpoints, logs) go to ``<results>/work/``; a killed run resumes.
+An experiment is a JSON file in ``reproduce/`` (or any path): ``experiment`` (the results folder's
+name), ``train`` (TrainConfig fields), ``prune`` (a prune_run schedule, §3.4), optional ``sensitivity``
+(Fig. 6), ``tradeoff`` (Fig. 5) and ``bounds``. Results go to ``reproduce/results/<experiment>/``
+(``metrics.json`` with repository-relative paths, ``report.md``, figures), the runs to its ``work/``;
+a killed run resumes.
 """
 import dataclasses
 import json
@@ -28,7 +18,7 @@ from pathlib import Path
 import numpy
 
 from . import __version__
-from .backend import array_module, resolve_device
+from .backend import array_module, blas_info, cpu_model, resolve_device
 from .checkpoint import load_checkpoint
 from .data import load_split
 from .engine import Schedule, TrainConfig, prune_run, train
@@ -44,12 +34,9 @@ CONFIG_KEYS = {"experiment", "description", "train", "prune", "sensitivity", "tr
 
 def find_config(name):
     """A config path from an experiment name (``reproduce/<name>.json``) or a path."""
-    path = Path(name)
-    if path.suffix == ".json" and path.is_file():
-        return path
-    path = REPRO_DIR / f"{name}.json"
-    if path.is_file():
-        return path
+    for path in (Path(name), REPRO_DIR / f"{name}.json"):
+        if path.suffix == ".json" and path.is_file():
+            return path
     known = sorted(p.stem for p in REPRO_DIR.glob("*.json")) if REPRO_DIR.is_dir() else []
     raise SparsenetError(f"no experiment {name!r}: give a config .json or one of {', '.join(known) or '(none found)'}")
 
@@ -69,13 +56,13 @@ def load_config(name):
 
 
 def _git_commit():
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
+        out = git("rev-parse", "HEAD")
         # uncommitted changes to code or configs count; results being rewritten do not
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude)reproduce/results"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                    ":(top,exclude)reproduce/results").stdout.strip()
         return (out.stdout.strip() + ("+uncommitted changes" if dirty else "")) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -87,7 +74,7 @@ def _say(progress, msg):
 
 
 def _prune(source, run_dir, schedule, data_dir, device, progress=False):
-    """prune_run that resumes when ``run_dir`` already holds (part of) the same run."""
+    """prune_run, resumed when ``run_dir`` already holds (part of) the same run."""
     _same_run(Path(run_dir) / "schedule.json", schedule.to_dict())
     resume = (Path(run_dir) / "checkpoint.h5").exists()
     return prune_run(source, run_dir, None if resume else schedule, resume=resume, data_dir=data_dir,
@@ -95,8 +82,7 @@ def _prune(source, run_dir, schedule, data_dir, device, progress=False):
 
 
 def _same_run(stored, wanted):
-    """A resumed step must be the run the config asks for: an edited config does not
-    silently continue (or reuse) a run made with other settings."""
+    """A resumed step must be the run the config asks for, not one made with other settings."""
     have = _read_json(stored)
     if have is not None and have != json.loads(json.dumps(wanted)):
         raise SparsenetError(f"{stored.parent} was started with other settings than the config now gives; "
@@ -109,18 +95,9 @@ def _read_json(path):
 
 # ----------------------------------------------------------------------------- Fig. 5
 def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True):
-    """The paper's Fig. 5 on this network: accuracy loss against the fraction of weights
-    pruned, for
-
-    * L2 / L1 regularisation, without retraining (prune and evaluate),
-    * L2 / L1 regularisation, with retraining (``epochs`` epochs after one prune),
-    * L2, iterative (rounds of prune + retrain through the same ratios).
-
-    ``cfg``: ``ratios`` (fractions of every layer's weights pruned, per-layer
-    percentile), ``epochs``, ``retrain`` (optimiser settings), ``l1`` (L1 strength) and
-    ``l1_epochs`` (fine-tuning the dense net with L1 first — the "L1 network" of the
-    paper was trained with L1). Every run lives in ``work/``; done runs are reused.
-    """
+    """The paper's Fig. 5 on this network: accuracy loss against weights pruned, L2 / L1 without and with
+    retraining and L2 iterative. ``cfg``: ``ratios``, ``epochs``, ``retrain`` (optimiser settings), ``l1``
+    and ``l1_epochs`` (L1 fine-tuning of the dense net first). Runs live in ``work/``; done ones are reused."""
     ratios, epochs, l1_epochs = list(cfg["ratios"]), int(cfg.get("epochs", 2)), int(cfg.get("l1_epochs", 2))
     retrain = dict(cfg.get("retrain", {}), remove_neurons=False)
     l1 = float(cfg.get("l1", 1e-4))
@@ -155,14 +132,13 @@ def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True):
 
 # ----------------------------------------------------------------------------- the run
 def reproduce(name, out=None, data_dir=None, device=None, progress=True):
-    """Run (or resume) an experiment; returns its metrics (also in ``metrics.json``)."""
+    """Run (or resume) an experiment; returns its metrics (as in ``metrics.json``, plus ``results_dir``)."""
     cfg, cfg_path = load_config(name)
     out = Path(out) if out is not None else REPRO_DIR / "results" / cfg["experiment"]
     work = out / "work"
     t_start = time.time()
     commit = _git_commit()  # the code that runs this call (a resumed run may span several)
-    # a resumed run adds to the time and commits of its earlier calls; a fresh run (no
-    # work/, e.g. a clone holding only committed results) starts from nothing
+    # a resumed run adds to its earlier calls' time and commits; a fresh one (no work/) starts from nothing
     timing = (_read_json(out / "metrics.json") if work.is_dir() else None) or {}
     seconds = dict(timing.get("seconds", {}))
 
@@ -189,23 +165,19 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
     x, t = load_split(tcfg.dataset, dense.input_shape, xp, data_dir, split="test")["test"]
     dense_rep = step("report", lambda: layer_report(dense, x, t=t))
     rep = step("report", lambda: layer_report(pruned, x, t=t))
-    figures, sens, trade = {}, None, None
-
-    def draw(key, plot, arg, file):
-        if plot(arg, out / file):
-            figures[key] = file
-
-    draw("fig4", plot_pattern, pruned, "fig4_pattern.png")
+    sens = trade = None
     if cfg.get("sensitivity"):
         _say(progress, "Fig. 6: sensitivity of each layer (dense network, no retraining)")
         ratios = cfg["sensitivity"].get("ratios", [round(0.1 * i, 1) for i in range(10)])
         sens = step("sensitivity", lambda: sensitivity(dense, x, t, ratios))
-        draw("fig6", plot_sensitivity, sens, "fig6_sensitivity.png")
     if cfg.get("tradeoff"):
         trade = step("tradeoff", lambda: tradeoff(dense_ck, work / "tradeoff", cfg["tradeoff"], data_dir, device,
                                                   progress))
-        draw("fig5", plot_tradeoff, trade, "fig5_tradeoff.png")
-    model = tcfg.model
+    figures = {k: f for k, plot, arg, f in (("fig4", plot_pattern, pruned, "fig4_pattern.png"),
+                                            ("fig6", plot_sensitivity, sens, "fig6_sensitivity.png"),
+                                            ("fig5", plot_tradeoff, trade, "fig5_tradeoff.png"))
+               if arg is not None and plot(arg, out / f)}
+    model, cpus = tcfg.model, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     metrics = {
         "experiment": cfg["experiment"], "config": repo_path(cfg_path), "results": repo_path(out), "model": model,
         "dataset": tcfg.dataset,
@@ -222,25 +194,23 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
         "tradeoff": trade, "figures": figures, "paper": TABLE1.get(model),
         "checks": _checks(cfg.get("bounds", {}), rep),
         "provenance": {"seed": tcfg.seed, "prune_seed": cfg["prune"].get("seed", 0), "sparsenet": __version__,
-                       "commit": commit, "commits": sorted(set(timing.get("provenance", {}).get("commits", [])) | {commit}),
+                       "commit": commit,
+                       "commits": sorted(set(timing.get("provenance", {}).get("commits", [])) | {commit}),
                        "python": platform.python_version(), "numpy": numpy.__version__,
-                       "device": resolve_device(device), "machine": f"{platform.machine()}, {_cpus()} CPUs",
+                       "device": resolve_device(device), "machine": f"{platform.machine()}, {cpus} CPUs",
+                       "cpu": cpu_model(), "blas": blas_info(),
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(out / "report.md", format_report(metrics, rep))
     _say(progress, f"wrote {out / 'report.md'} ({time.time() - t_start:.0f} s this call)")
-    return metrics
+    return {**metrics, "results_dir": str(out)}  # usable from the current directory; not in metrics.json
 
 
 def repo_path(path):
     """``path`` relative to the repository root (``reproduce/lenet-5.json``; outside it, with ``..``)."""
     return Path(os.path.relpath(Path(path).resolve(), REPO_ROOT)).as_posix()
-
-
-def _cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _checks(bounds, rep):
@@ -252,10 +222,8 @@ def _checks(bounds, rep):
 
 def format_check(key, c):
     """One check of report.md as value against bound: "test error 1.56% (bound ≤ 1.64%) ✓"."""
-    if key == "max_test_error":
-        text = f"test error {pct(c['value'], 2)} (bound ≤ {pct(c['bound'], 2)})"
-    else:
-        text = f"compression {c['value']:.1f}× (bound ≥ {c['bound']:g}×)"
+    text = (f"test error {pct(c['value'], 2)} (bound ≤ {pct(c['bound'], 2)})" if key == "max_test_error"
+            else f"compression {c['value']:.1f}× (bound ≥ {c['bound']:g}×)")
     return text + (" ✓" if c["ok"] else " ✗ NOT MET")
 
 
@@ -308,6 +276,7 @@ def format_report(m, rep):
     lines += ["## Provenance", "",
               f"Config `{m['config']}`; dense seed {pv['seed']}, pruning seed {pv['prune_seed']}; "
               f"sparsenet {pv['sparsenet']} at commit `{pv['commit']}`; Python {pv['python']}, NumPy {pv['numpy']}; "
-              f"device {pv['device']} ({pv['machine']}); finished {pv['finished']}.", "",
+              f"device {pv['device']} ({pv['machine']}; {pv.get('cpu')}; BLAS: {pv.get('blas')}); "
+              f"finished {pv['finished']}.", "",
               "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()) + ".", ""]
     return "\n".join(lines)

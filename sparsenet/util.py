@@ -1,6 +1,7 @@
 """Small shared helpers: the package's error type, atomic file writes, environment flags."""
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,3 +45,14 @@ def write_text_atomic(path, text):
     """Write ``text`` to ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def progress_bar(total, desc, unit="batch", enabled=True, **kw):
+    """A tqdm progress bar on stderr, or None (disabled, or tqdm missing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, **kw)
