@@ -32,12 +32,7 @@ Supporting modules: :mod:`sparsenet.backend` (NumPy/CuPy dispatch), :mod:`sparse
 (networks, the LeNets), :mod:`sparsenet.data` (MNIST), :mod:`sparsenet.checkpoint` and
 :mod:`sparsenet.h5io` (HDF5 files), :mod:`sparsenet.cli` (the ``sparsenet`` command).
 
-The public API, importable from ``sparsenet`` directly::
-
-    import sparsenet as sn
-    net = sn.build_model("lenet-300-100")
-    sn.train("runs/dense", sn.TrainConfig(epochs=2))
-    sn.prune_run("runs/dense/checkpoint.h5", "runs/pruned", sn.uniform_schedule("quality", 1.0, rounds=3))
+The public API below is importable from ``sparsenet`` directly (``__all__``).
 """
 __version__ = "0.2.0"
 

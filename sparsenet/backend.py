@@ -98,10 +98,8 @@ def to_device(a, xp):
 def blas_info():
     """The BLAS library NumPy runs, its version, kernel family and thread count (results of
     a run depend on them), e.g. "openblas 0.3.31 (Haswell), 2 threads"; None if unknown."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return None
+    from threadpoolctl import threadpool_info
+
     return "; ".join(f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture')}), {d.get('num_threads')} "
                      "threads" for d in threadpool_info() if d.get("user_api") == "blas") or None
 

@@ -13,15 +13,10 @@ Layout (readable with h5py alone; the container is :mod:`sparsenet.h5io`)::
     /velocity/<layer.param> float32 momentum (absent for a bare model)
     /log                    optional, uint8: the run's log as JSON lines (UTF-8)
 
-A checkpoint is a run's one commit point: the run engine (:mod:`sparsenet.engine`)
-keeps its state in ``config`` and its log in ``/log``, so one atomic rename commits
-both; ``log.jsonl`` beside it is a view rewritten from it.
-
-Loading validates everything before building anything: the network description as a
-whole (:func:`sparsenet.model.check_spec`), each stored array against the shape the
-description declares, finite values, 0/1 masks, and the pruning rule (a file with a
-non-zero weight or momentum at a pruned position is rejected, never repaired). Errors
-are one line naming the file.
+The run engine keeps its state in ``config`` and its log in ``/log``: one rename commits
+both. Loading checks the description (:func:`sparsenet.model.check_spec`) and each stored
+shape against it before building anything, then finite values and the pruning rule (a
+file breaking it is rejected, never repaired); errors are one line naming the file.
 """
 import json
 from pathlib import Path
@@ -63,28 +58,26 @@ def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None, l
 
 class Checkpoint:
     """What :func:`load_checkpoint` returns: ``net`` (momentum in its parameters' state)
-    plus the saved run state."""
+    plus the saved run state; :meth:`rng` is the data-order generator as saved (or None)."""
 
-    def __init__(self, net, config, epoch, optimizer_state, rng_state, log):
+    def __init__(self, net, config, epoch, optimizer_state, rng_state, log, path):
         self.net, self.config, self.epoch = net, config, epoch
         self.optimizer_state, self.rng_state, self.log = optimizer_state, rng_state, log
+        self._rng = _generator(numpy.random.default_rng(), rng_state, path)
 
     def rng(self):
-        """The data-order generator as saved (None if the file has none)."""
-        if self.rng_state is None:
-            return None
-        rng = numpy.random.default_rng()
-        rng.bit_generator.state = self.rng_state
-        return rng
+        return self._rng
 
 
-def _restore_generator(gen, state, path):
-    if state is None or not isinstance(gen, numpy.random.Generator):
-        return
+def _generator(gen, state, path):
+    """``gen`` set to a generator state read from a file (None when there is none)."""
+    if state is None:
+        return None
     try:
         gen.bit_generator.state = state
     except (TypeError, ValueError, KeyError) as e:
         raise SparsenetError(f"{path}: bad generator state ({e})") from None
+    return gen
 
 
 def load_checkpoint(path, xp=numpy):
@@ -105,12 +98,10 @@ def load_checkpoint(path, xp=numpy):
         except SparsenetError as e:
             raise SparsenetError(f"{path}: bad network description: {e}") from None
         for name, shape in shapes.items():  # what the description declares is what is stored
-            d = f.get(f"params/{name}")
-            if d is None:
-                raise SparsenetError(f"{path}: dataset 'params/{name}' is missing")
-            if getattr(d, "shape", None) != shape:
-                raise SparsenetError(f"{path}: params/{name} has shape {getattr(d, 'shape', None)}, "
-                                     f"the network description declares {shape}")
+            got = getattr(f.get(f"params/{name}"), "shape", None)
+            if got != shape:
+                raise SparsenetError(f"{path}: dataset 'params/{name}' " + (
+                    "is missing" if got is None else f"has shape {got}, the network description declares {shape}"))
         net = build_network(spec, xp=xp)
         for name, p in net.params().items():
             W = h5io.read_array(f, f"params/{name}", path, p.data.shape, kinds="f").astype(numpy.float32)
@@ -123,8 +114,8 @@ def load_checkpoint(path, xp=numpy):
                 p.load(to_device(W, xp), to_device(M.astype(numpy.float32), xp), state)
             except SparsenetError as e:
                 raise SparsenetError(f"{path}: {name}: {e}") from None
-        _restore_generator(net.dropout_rng, h5io.json_attr(f, "dropout_rng", path) if "dropout_rng" in f.attrs else None,
-                           path)
+        if "dropout_rng" in f.attrs and isinstance(net.dropout_rng, numpy.random.Generator):
+            _generator(net.dropout_rng, h5io.json_attr(f, "dropout_rng", path), path)
         log = None
         if "log" in f:
             try:
@@ -132,4 +123,4 @@ def load_checkpoint(path, xp=numpy):
             except ValueError as e:
                 raise SparsenetError(f"{path}: the stored run log is not JSON lines ({e})") from None
         epoch = f.attrs.get("epoch", 0)
-    return Checkpoint(net, config, int(epoch), opt_state, rng_state, log)
+    return Checkpoint(net, config, int(epoch), opt_state, rng_state, log, path)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .model import MODELS, build_model
+from .optim import POLICIES, SETTINGS
 from .util import SparsenetError
 
 
@@ -25,8 +26,6 @@ def _add_common(p, json=True, data=True):
 
 def _add_optim(p, d):
     """The optimiser settings (one vocabulary: :data:`sparsenet.optim.SETTINGS`) with defaults ``d``."""
-    from .optim import POLICIES
-
     p.add_argument("--lr", type=float, default=d["lr"], help=f"base learning rate (default {d['lr']})")
     p.add_argument("--lr-policy", choices=POLICIES, default=d["lr_policy"], help=f"default {d['lr_policy']}")
     p.add_argument("--gamma", type=float, default=None, help="gamma of the step/inv policies (default: step 0.1, inv 1e-4)")
@@ -38,12 +37,6 @@ def _add_optim(p, d):
     p.add_argument("--l1", type=float, default=d["l1"], help="L1 strength (§3.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     _add_common(p, json=False)
-
-
-def _optim(a):
-    from .optim import SETTINGS
-
-    return {k: getattr(a, k) for k in SETTINGS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,7 +156,7 @@ def cmd_train(a):
                     epochs=a.epochs)
     else:
         cfg = TrainConfig(model=a.model, dataset=a.dataset, epochs=TrainConfig.epochs if a.epochs is None else a.epochs,
-                          batch_size=a.batch_size, seed=a.seed, train_subset=a.train_subset, **_optim(a))
+                          batch_size=a.batch_size, seed=a.seed, train_subset=a.train_subset, **{k: getattr(a, k) for k in SETTINGS})
         log = train(a.out, cfg, data_dir=a.data_dir, device=a.device, progress=not a.no_progress)
     if log:
         r = log[-1]
@@ -184,13 +177,7 @@ def cmd_eval(a):
 def parse_amount(text):
     """``"0.9"`` -> 0.9; ``"fc1=0.92,fc2=0.9,default=0.8"`` -> dict of layer -> number."""
     try:
-        if "=" not in text:
-            return float(text)
-        out = {}
-        for item in text.split(","):
-            k, v = item.split("=")
-            out[k.strip()] = float(v)
-        return out
+        return float(text) if "=" not in text else {k.strip(): float(v) for k, v in (i.split("=") for i in text.split(","))}
     except ValueError:
         raise SparsenetError(f"--amount {text!r}: expected a number or layer=number,... pairs") from None
 
@@ -207,7 +194,7 @@ def cmd_prune(a):
     else:
         schedule = uniform_schedule(
             a.criterion, parse_amount(a.amount), a.rounds, a.seed, epochs=a.epochs, batch_size=a.batch_size,
-            freeze=[n for n in a.freeze.split(",") if n], remove_neurons=not a.keep_dead_neurons, **_optim(a))
+            freeze=[n for n in a.freeze.split(",") if n], remove_neurons=not a.keep_dead_neurons, **{k: getattr(a, k) for k in SETTINGS})
     log = prune_run(a.checkpoint, a.out, schedule, resume=a.resume, data_dir=a.data_dir, device=a.device,
                     progress=not a.no_progress)
     r = log[-1]

@@ -1,33 +1,22 @@
 """The run engine: dense training and §3.4's iterative prune → retrain, one loop for both.
 
-A run is a :class:`Schedule` of rounds. Each round reads as the paper's iteration:
+A run is a :class:`Schedule` of rounds; each round is the paper's iteration (:func:`_round`):
+prune (:func:`sparsenet.pruning.prune`) → adjust dropout (§3.2) → retrain the survivors
+(§3.1 ``weight_decay``/``l1``, §3.3 ``freeze``) → remove dead neurons (§3.5). Dense
+training is one round that prunes nothing (:meth:`TrainConfig.schedule`). As JSON/TOML::
 
-    prune (:func:`sparsenet.pruning.prune`) → adjust dropout (§3.2) → retrain the
-    survivors for some epochs (§3.1: L2 ``weight_decay`` / ``l1``; §3.3: ``freeze``) →
-    remove dead neurons (§3.5)
-
-Dense training is a schedule of one round that prunes nothing (:meth:`TrainConfig.schedule`).
-A schedule as a JSON/TOML document::
-
-    {"seed": 0,
-     "retrain": {"epochs": 4, "lr": 0.02, ...},           # defaults for every round
+    {"seed": 0, "retrain": {"epochs": 4, "lr": 0.02},      # defaults for every round
      "rounds": [{"criterion": "quality", "amount": 1.0},
-                {"criterion": "percentile", "amount": {"default": 0.9, "fc3": 0.7},
-                 "epochs": 8, "freeze": ["fc3"]}]}
+                {"criterion": "percentile", "amount": {"default": 0.9, "fc3": 0.7}, "freeze": ["fc3"]}]}
 
-Optimiser keys are :data:`sparsenet.optim.SETTINGS`. Pruning targets are fractions of the
-original (dense) layers.
-
-A run folder holds ``checkpoint.h5`` — the one commit point: weights, masks, momentum,
-RNG states, the run's position (round, stage, epoch) and its whole log, written
-atomically after every prune and every epoch — and two views rewritten from it,
-``log.jsonl`` (one JSON object per event) and ``config.json`` (dense training) or
-``schedule.json`` (pruning). A run killed at any instant resumes (``resume=True``) to the
-same checkpoint and the same log as an uninterrupted one (bit-identical on the CPU);
-temporary files of a killed write are removed on resume. Nothing is written before the
-whole request has been validated and the data loaded.
+Optimiser keys are :data:`sparsenet.optim.SETTINGS`; pruning targets are fractions of
+the original layers. ``checkpoint.h5`` is a run's one commit point (weights, masks,
+momentum, RNG states, the position — round, stage, epoch — and the whole log), written
+atomically after every prune and epoch; ``log.jsonl`` and ``config.json`` (dense) or
+``schedule.json`` (pruning) are views rewritten from it. A run killed at any instant
+resumes to the same checkpoint and log as an uninterrupted one (bit-identical on the
+CPU). Nothing is written before the request is validated and the data loaded.
 """
-import contextlib
 import ctypes
 import dataclasses
 import json
@@ -43,28 +32,20 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DATASETS, load_split
 from .model import MODELS, build_model
 from .optim import SETTINGS, SGD, check_settings
-from .util import SparsenetError, progress_bar, write_text_atomic
+from .util import SparsenetError, progress_bar, whole, write_text_atomic
 
 # Retraining defaults, chosen by experiment on LeNet-300-100 (README, "Pruning").
-RETRAIN_DEFAULTS = {
-    "epochs": 4, "lr": 0.02, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": 1876,
-    "momentum": 0.9, "weight_decay": 5e-4, "l1": 0.0, "batch_size": 64,
-    "freeze": [], "remove_neurons": True,
-}
+RETRAIN_DEFAULTS = {"epochs": 4, "lr": 0.02, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": 1876,
+                    "momentum": 0.9, "weight_decay": 5e-4, "l1": 0.0, "batch_size": 64, "freeze": [],
+                    "remove_neurons": True}
 ROUND_KEYS = {"criterion", "amount"} | set(RETRAIN_DEFAULTS)
 
 
 # ----------------------------------------------------------------------------- configurations
 @dataclasses.dataclass
 class TrainConfig:
-    """Dense training settings.
-
-    Momentum, weight decay, batch size, initialisation and the ``inv`` policy follow
-    Caffe's MNIST solver. The default schedule differs (README, "Training defaults"):
-    base lr 0.05, ×0.1 every 6,566 iterations (7 epochs at batch 64), 20 epochs — on
-    full MNIST it ends ~0.2–0.3 points below Caffe's 10,000-iteration ``inv`` schedule
-    for both LeNets. ``gamma=None`` means the policy's own default.
-    """
+    """Dense training settings: Caffe's MNIST solver except the schedule (README, "Training
+    defaults": lr 0.05, ×0.1 every 7 epochs, 20 epochs; ``--lr-policy inv --lr 0.01`` is Caffe's)."""
 
     model: str = "lenet-300-100"
     dataset: str = "mnist"
@@ -86,7 +67,7 @@ class TrainConfig:
             if getattr(self, key) not in choices:
                 raise SparsenetError(f"unknown {key} {getattr(self, key)!r}: choose from {', '.join(choices)}")
         for key in ("epochs", "batch_size", "seed", "train_subset"):
-            _whole(getattr(self, key), key, 1 if key in ("epochs", "batch_size") else 0)
+            whole(getattr(self, key), key, 1 if key in ("epochs", "batch_size") else 0)
         check_settings(dataclasses.asdict(self))
         return self
 
@@ -135,7 +116,7 @@ class Schedule:
             if set(r) - ROUND_KEYS:
                 raise SparsenetError(f"round {i}: unknown keys {', '.join(sorted(set(r) - ROUND_KEYS))}")
             out.append(_check_round({"criterion": "quality", "amount": 1.0, **RETRAIN_DEFAULTS, **retrain, **r}, i))
-        return cls(out, _whole(d.get("seed", 0), "schedule seed", 0))
+        return cls(out, whole(d.get("seed", 0), "schedule seed", 0))
 
     def to_dict(self):
         return {"seed": self.seed, "rounds": self.rounds}
@@ -145,17 +126,11 @@ class Schedule:
         return any(r["criterion"] is not None for r in self.rounds)
 
 
-def _whole(v, what, low):
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise SparsenetError(f"{what} must be a whole number >= {low}, got {v!r}")
-    return v
-
-
 def _check_round(r, i):
     if r["criterion"] is not None and r["criterion"] not in pruning.CRITERIA:
         raise SparsenetError(f"round {i}: unknown criterion {r['criterion']!r} (choose from {', '.join(pruning.CRITERIA)})")
-    _whole(r["epochs"], f"round {i}: epochs", 0)
-    _whole(r["batch_size"], f"round {i}: batch_size", 1)
+    whole(r["epochs"], f"round {i}: epochs", 0)
+    whole(r["batch_size"], f"round {i}: batch_size", 1)
     check_settings(r, f"round {i}")
     if not isinstance(r["freeze"], list) or not all(isinstance(n, str) for n in r["freeze"]):
         raise SparsenetError(f"round {i}: freeze must be a list of layer names")
@@ -188,13 +163,9 @@ def load_schedule(text_or_path):
 
 
 def uniform_schedule(criterion="quality", amount=1.0, rounds=1, seed=0, **retrain):
-    """``rounds`` rounds reaching ``amount`` step by step.
-
-    quality: the same q every round (each round re-thresholds the survivors).
-    percentile/global: the kept fraction shrinks geometrically, round r of R keeping
-    ``(1 − amount)^(r/R)`` — equal ratios per round, the final round hitting the target.
-    """
-    _whole(rounds, "rounds", 1)
+    """``rounds`` rounds reaching ``amount``: the same q every round (quality), or a kept
+    fraction shrinking geometrically, round r of R keeping ``(1 − amount)^(r/R)``."""
+    whole(rounds, "rounds", 1)
 
     def at(r, a):
         if criterion == "quality" or not isinstance(a, (int, float)) or not 0 <= a <= 1:
@@ -209,12 +180,8 @@ def uniform_schedule(criterion="quality", amount=1.0, rounds=1, seed=0, **retrai
 
 # ----------------------------------------------------------------------------- the loop
 def reuse_heap_memory():
-    """Keep freed large blocks in the heap (glibc only).
-
-    Every step allocates activation-sized temporaries (MBs each). glibc returns such
-    blocks to the kernel on free, so each step pays page faults to get them back; raising
-    the mmap/trim thresholds keeps them in the process (LeNet-5 steps ~20% faster here).
-    """
+    """Keep freed activation-sized blocks in the heap instead of page-faulting them back
+    every step (glibc's mmap/trim thresholds; LeNet-5 steps ~20% faster)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -226,11 +193,8 @@ def reuse_heap_memory():
 
 
 def train_epoch(net, opt, x, t, batch_size, rng, progress=None):
-    """One pass over ``(x, t)`` in a random order drawn from ``rng``.
-
-    Returns ``(mean loss, training error)`` measured on the fly (the error of each batch's
-    forward pass, before its update).
-    """
+    """One pass over ``(x, t)`` in a random order drawn from ``rng``; returns ``(mean loss,
+    training error)`` of the batches' forward passes, before their updates."""
     xp = net.xp
     n = len(x)
     perm = xp.asarray(rng.permutation(n))
@@ -255,11 +219,6 @@ def _totals(net):
     nz_w = sum(l.params["W"].nonzero() for l in net.layers if "W" in l.params)
     return {"density": {k: round(v, 6) for k, v in pruning.densities(net).items()}, "params": params,
             "nonzero_params": nz, "compression": round(params / max(nz, 1), 3), "weights_left": round(nz_w / weights, 6)}
-
-
-def _diverged(net, loss):
-    """Whether training blew up: a non-finite loss or parameter."""
-    return not numpy.isfinite(loss) or not all(bool(net.xp.isfinite(p.data).all()) for p in net.params().values())
 
 
 class _Run:
@@ -293,13 +252,6 @@ class _Run:
         return (f"round {self.state['round'] + 1}, " if self.schedule.prunes else "") + f"epoch {epoch}"
 
 
-def _clean_leftovers(run_dir):
-    """Remove temporary files of a write that a kill interrupted (``.<name>.*.tmp``)."""
-    for p in Path(run_dir).glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-
-
 def _open_run(run_dir, xp):
     """A run folder's checkpoint, for resuming: (net, schedule, state, base config, log, rng)."""
     ck = load_checkpoint(Path(run_dir) / "checkpoint.h5", xp)
@@ -312,13 +264,9 @@ def _open_run(run_dir, xp):
 
 def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, data_dir=None, device=None,
         progress=True, epochs=None):
-    """Run (or resume) a schedule in ``run_dir``; returns the log records.
-
-    A new run starts from ``source`` (a checkpoint path, or a ready
-    :class:`~sparsenet.model.Network`) with ``base_config`` (dataset, train_subset, …
-    stored with every checkpoint). ``epochs`` (resume of a dense run only) raises its
-    number of epochs.
-    """
+    """Run (or resume) a schedule in ``run_dir``; returns the log records. A new run starts
+    from ``source`` (a checkpoint path, or a :class:`~sparsenet.model.Network` with
+    ``base_config``: dataset, train_subset, …). ``epochs`` raises a resumed dense run's length."""
     run_dir = Path(run_dir)
     xp = array_module(device)
     if not resume and schedule is None:
@@ -359,7 +307,8 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     opt = SGD.from_settings(net.params(), schedule.rounds[min(state["round"], len(schedule.rounds) - 1)])
     opt.iteration = state["iteration"]
     if resume:
-        _clean_leftovers(run_dir)
+        for p in run_dir.glob(".*.tmp"):  # temporary files of a write that a kill interrupted
+            p.unlink(missing_ok=True)
         R.write_views()
     else:
         if schedule.prunes:
@@ -403,7 +352,7 @@ def _round(R, opt, train_data, test_data):
         finally:
             if bar is not None:
                 bar.close()
-        if _diverged(net, loss):
+        if not numpy.isfinite(loss) or not all(bool(net.xp.isfinite(p.data).all()) for p in net.params().values()):
             raise SparsenetError(f"training diverged in {R.where(e + 1)} (loss {loss:.4g}); the last good "
                                  f"checkpoint is {R.ckpt} ({R.where(e)}); start again with a lower learning rate")
         rec = {"event": "epoch", "round": k + 1} if R.schedule.prunes else {}

@@ -1,17 +1,11 @@
 """The HDF5 container shared by checkpoints and model files (no pickle anywhere).
 
-Writing (:func:`create`): a temporary file beside the target, renamed into place when the
-block ends (a crash leaves the old file or the new one); the HDF5 1.10 object format,
-whose object headers carry checksums; no free-space manager (a file is its payload plus a
-few hundred bytes per object); text attributes as fixed-length bytes, kept in the
-checksummed header (a variable-length string lives in HDF5's global heap, which has no
-checksum: a damaged heap entry made h5py hang). Every non-empty dataset is one chunk with
-a Fletcher-32 checksum (:func:`write_dataset`), so a damaged byte is an error on reading,
-never a silently different weight.
-
-Reading (:func:`open_file`): h5py's errors become one-line :class:`SparsenetError`\\ s
-naming the file; :func:`text_attr`, :func:`json_attr` and :func:`read_array` check what
-they read.
+:func:`create` writes to a temporary name renamed into place at the end, in the HDF5 1.10
+object format (checksummed headers), with no free-space manager and text attributes as
+fixed-length bytes (kept in the checksummed header; a damaged variable-length string in
+the global heap made h5py hang). :func:`write_dataset` stores each array as one chunk with
+a Fletcher-32 checksum, so a damaged byte is an error, never a different weight.
+:func:`open_file` turns h5py's errors into one-line errors (:class:`SparsenetError`).
 """
 import contextlib
 import json

@@ -1,33 +1,19 @@
 """Layers with hand-derived backpropagation: the equations, in plain NumPy/CuPy.
 
-Each operation is a pair of pure functions in the CS231n style::
+Each operation is a pair of pure functions, ``y, cache = op_forward(x, ...)`` and
+``gx, ... = op_backward(gy, cache)``, with its shapes and equations in the docstring;
+``gy`` is dL/dy, ``gx`` dL/dx, ``gW`` dL/dW, ``gb`` dL/db. A thin class per layer owns
+the parameters (:class:`Param`) and keeps the cache. For linear, conv and max-pool the
+classes run the tuned kernels of :mod:`sparsenet.fast_layers` (same signatures, same
+values up to float rounding; the tests check that they agree).
 
-    y, cache = op_forward(x, ...)
-    gx, ... = op_backward(gy, cache)
-
-with the forward and backward equations and the shapes in its docstring. A thin class
-per layer owns the parameters (:class:`Param`: value, gradient and pruning mask) and
-keeps the cache between ``forward`` and ``backward``. Gradients are named as in
-Chainer: ``gy`` is dL/dy, ``gx`` dL/dx, ``gW`` dL/dW, ``gb`` dL/db.
-
-The functions here are written to be read. For linear, conv and max-pool the layer
-classes run the speed-tuned kernels of :mod:`sparsenet.fast_layers` instead: same
-signatures, same values up to float rounding, other memory layouts; the tests check
-that the two agree.
-
-Conventions
------------
-* Images are channel-last, ``(N, H, W, C)`` (NHWC): a convolution is then one GEMM whose
-  output is already NHWC, with no transpose. Convolution weights are ``(F, kh, kw, C)``.
-* Linear weights are ``(out, in)`` and ``y = x Wᵀ + b``.
-* Every parameter has a mask ``M`` of its own shape (1 keeps, 0 pruned). The network
-  computes with ``W ⊙ M``. Pruning and the optimiser keep the invariant ``W == W ⊙ M``
-  (pruned weights are exactly 0, see :mod:`sparsenet.param`), so the forward pass reads
-  ``W`` directly and needs no masked copy; the backward pass masks the weight gradient,
-  ``gW ← gW ⊙ M``, so nothing flows into a pruned position.
-* Training runs in float32 end to end (data, activations, gradients, masks, state).
-* Code here never imports CuPy: the array module comes from the arrays
-  (:func:`sparsenet.backend.get_array_module`).
+* Images are NHWC ``(N, H, W, C)``: a convolution is one GEMM whose output is already
+  NHWC. Conv weights are ``(F, kh, kw, C)``; linear weights ``(out, in)``.
+* Every parameter has a mask ``M`` (1 keeps, 0 pruned) and the network computes with
+  ``W ⊙ M``. Pruning and the optimiser keep ``W == W ⊙ M`` (:mod:`sparsenet.param`),
+  so the forward pass reads ``W`` directly; the backward pass masks ``gW ← gW ⊙ M``.
+* Training runs in float32 end to end. The array module comes from the arrays
+  (:func:`sparsenet.backend.get_array_module`); nothing here imports CuPy.
 """
 import math
 
@@ -39,9 +25,7 @@ from .param import Param
 
 # ----------------------------------------------------------------------------- linear
 def linear_forward(x, W, b):
-    """Fully connected layer.
-
-    Shapes: x (N, D_in), W (D_out, D_in), b (D_out,) -> y (N, D_out).
+    """Fully connected layer: x (N, D_in), W (D_out, D_in), b (D_out,) -> y (N, D_out).
 
     Forward:  ``y = x Wᵀ + b``   (with pruning, W stands for W ⊙ M).
     """
@@ -49,9 +33,7 @@ def linear_forward(x, W, b):
 
 
 def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
-    """Backward of :func:`linear_forward`. Returns ``(gx, gW, gb)``.
-
-    Backward::
+    """Backward of :func:`linear_forward`. Returns ``(gx, gW, gb)``::
 
         gx = gy W                 (N, D_in)   -- None when need_gx is False
         gW = (gyᵀ x) ⊙ M          (D_out, D_in)
@@ -72,9 +54,8 @@ def conv_output_size(size, k, stride, pad):
 
 
 def im2col(x, kh, kw, stride, pad):
-    """Unfold the receptive fields of an NHWC batch.
+    """Unfold receptive fields: x (N, H, W, C) -> cols (N, Ho, Wo, kh, kw, C), row-major.
 
-    x (N, H, W, C) -> cols (N, Ho, Wo, kh, kw, C), row-major, with
     ``cols[n, p, q, i, j, c] = x_pad[n, s·p + i, s·q + j, c]`` (x_pad: x with ``pad``
     zeros around H and W). ``cols.reshape(N·Ho·Wo, kh·kw·C)`` is the GEMM operand X.
     """
@@ -85,9 +66,8 @@ def im2col(x, kh, kw, stride, pad):
 
 
 def col2im(cols, x_shape, stride, pad):
-    """Adjoint of :func:`im2col`: add every window back where it came from.
+    """Adjoint of :func:`im2col`: cols (N, Ho, Wo, kh, kw, C) -> gx (N, H, W, C).
 
-    cols (N, Ho, Wo, kh, kw, C) -> gx (N, H, W, C) with
     ``gx_pad[n, s·p + i, s·q + j, c] += cols[n, p, q, i, j, c]``, then the padding cut off.
     """
     xp = get_array_module(cols)
@@ -101,13 +81,10 @@ def col2im(cols, x_shape, stride, pad):
 
 
 def conv2d_forward(x, W, b, stride=1, pad=0):
-    """2-D convolution (cross-correlation, as in Caffe), channel-last.
+    """2-D convolution (cross-correlation, as in Caffe): x (N, H, W, C), W (F, kh, kw, C),
+    b (F,) -> y (N, Ho, Wo, F), ``Ho = ⌊(H + 2·pad − kh)/stride⌋ + 1`` (likewise Wo).
 
-    Shapes: x (N, H, W, C), W (F, kh, kw, C), b (F,) -> y (N, Ho, Wo, F) with
-    ``Ho = ⌊(H + 2·pad − kh)/stride⌋ + 1`` (likewise Wo).
-
-    Forward, with ``X = im2col(x)`` reshaped to (N·Ho·Wo, K), K = kh·kw·C, and
-    ``W₂ = W`` reshaped to (F, K)::
+    With ``X = im2col(x)`` as (N·Ho·Wo, K), K = kh·kw·C, and ``W₂ = W`` as (F, K)::
 
         y = X W₂ᵀ + b       i.e.  y[n,p,q,f] = Σ_{i,j,c} x_pad[n, s·p+i, s·q+j, c] W[f,i,j,c] + b[f]
     """
@@ -120,9 +97,7 @@ def conv2d_forward(x, W, b, stride=1, pad=0):
 
 
 def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
-    """Backward of :func:`conv2d_forward`. Returns ``(gx, gW, gb)``.
-
-    With ``G = gy`` reshaped to (N·Ho·Wo, F)::
+    """Backward of :func:`conv2d_forward`. Returns ``(gx, gW, gb)``; with G = gy as (N·Ho·Wo, F)::
 
         gx = col2im(G W₂)              (N, H, W, C)     -- None when need_gx is False
         gW = (Gᵀ X) ⊙ M                (F, K) -> (F, kh, kw, C)
@@ -140,9 +115,8 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
 
 # ----------------------------------------------------------------------------- pooling
 def maxpool2d_forward(x, k, stride):
-    """Max pooling over k×k windows with the given stride (overlapping when k > stride).
-
-    Shapes: x (N, H, W, C) -> y (N, Ho, Wo, C), ``Ho = ⌊(H − k)/stride⌋ + 1``.
+    """Max pooling over k×k windows (overlapping when k > stride): x (N, H, W, C) ->
+    y (N, Ho, Wo, C), ``Ho = ⌊(H − k)/stride⌋ + 1``.
 
     Forward: ``y[n,p,q,c] = max_{i,j<k} x[n, s·p+i, s·q+j, c]``. The cache keeps, per
     output, the offset ``o = i·k + j`` of the first maximum in row-major window order.
@@ -159,8 +133,7 @@ def maxpool2d_backward(gy, cache):
     """Backward of :func:`maxpool2d_forward`: each gy goes to the input that won its window.
 
     ``gx = col2im(w ⊙ gy)``, where ``w[n,p,q,i,j,c]`` is 1 at the first offset (i, j) in
-    row-major order with ``x[n, s·p+i, s·q+j, c] = y[n,p,q,c]`` and 0 at the others (so on
-    ties the gradient goes to one input only).
+    row-major order with ``x[n, s·p+i, s·q+j, c] = y[n,p,q,c]``, else 0 (one input on ties).
     """
     x_shape, first, k, stride = cache
     xp = get_array_module(gy)
@@ -182,18 +155,14 @@ def relu_backward(gy, cache):
 
 
 def dropout_forward(x, rate, rng, train=True):
-    """Inverted dropout.
-
-    Forward (training): ``m ~ Bernoulli(1 − rate) / (1 − rate)``, ``y = x ⊙ m``;
-    at test time (or rate 0) ``y = x``, so no rescaling is needed at inference.
-    ``rng`` is a NumPy or CuPy ``Generator`` matching x's array module.
+    """Inverted dropout. Training: ``m ~ Bernoulli(1 − rate) / (1 − rate)``, ``y = x ⊙ m``;
+    at test time (or rate 0) ``y = x``. ``rng``: a Generator of x's array module.
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
     if not train or rate == 0.0:
         return x, None
-    keep = rng.random(x.shape, dtype=numpy.float32) >= rate
-    m = keep.astype(x.dtype)
+    m = (rng.random(x.shape, dtype=numpy.float32) >= rate).astype(x.dtype)
     m *= 1.0 / (1.0 - rate)
     return x * m, m
 
@@ -204,9 +173,7 @@ def dropout_backward(gy, cache):
 
 
 def softmax_cross_entropy_forward(z, t):
-    """Mean softmax cross-entropy of logits against integer labels.
-
-    Shapes: z (N, K), t (N,) integers in [0, K) -> scalar loss.
+    """Mean softmax cross-entropy: logits z (N, K), labels t (N,) in [0, K) -> scalar loss.
 
     Forward (stable: the row max is subtracted before exponentiating)::
 
@@ -216,9 +183,7 @@ def softmax_cross_entropy_forward(z, t):
     xp = get_array_module(z)
     s = z - z.max(axis=1, keepdims=True)
     logp = s - xp.log(xp.exp(s).sum(axis=1, keepdims=True))
-    n = z.shape[0]
-    loss = -logp[xp.arange(n), t].mean()
-    return loss, (logp, t)
+    return -logp[xp.arange(z.shape[0]), t].mean(), (logp, t)
 
 
 def softmax_cross_entropy_backward(gloss, cache):
@@ -236,14 +201,10 @@ def softmax_cross_entropy_backward(gloss, cache):
 class Layer:
     """Base class: a named stage of a :class:`sparsenet.model.Network`.
 
-    ``params`` maps short names ("W", "b") to :class:`Param`. ``need_gx`` is False for
-    the first layer of a network, whose input gradient nobody reads. A ``frozen`` layer
-    computes no parameter gradients (they stay None, so the optimiser leaves it alone):
-    §3.3 retrains the FC layers with the conv layers fixed, and vice versa.
-
-    ``forward``/``backward`` run the kernels of the layer's ``kind``: the tuned
-    ``fast_layers.<kind>_forward/_backward`` where there is one, else this module's
-    (:func:`kernel`), called with the layer's :meth:`settings`.
+    ``params`` maps short names ("W", "b") to :class:`Param`. ``need_gx`` is False when
+    nobody reads the input gradient. A ``frozen`` layer computes no parameter gradients
+    (§3.3 retrains the FC layers with the conv layers fixed, and vice versa).
+    ``forward``/``backward`` run :func:`kernel` with the layer's :meth:`settings`.
     """
 
     kind = ""
@@ -277,17 +238,15 @@ class Layer:
 
 
 def kernel(kind, direction):
-    """The function that runs a ``kind`` layer's ``direction`` ("forward"/"backward")
-    pass: the tuned one of :mod:`sparsenet.fast_layers` when there is one, else the plain
-    one here (both compute the same values; tests/test_fast_layers.py)."""
+    """A ``kind`` layer's ``direction`` ("forward"/"backward") function: the tuned one of
+    :mod:`sparsenet.fast_layers` when there is one, else the plain one here."""
     return getattr(fast, f"{kind}_{direction}", None) or globals()[f"{kind}_{direction}"]
 
 
 class Weighted(Layer):
     """A layer with a weight ``W`` (prunable) and a bias ``b`` (``lr_mult`` 2, as in Caffe),
     initialised with Caffe's "xavier" filler, U(−a, a) with a = sqrt(3 / fan_in), and zero
-    biases. ``forward``/``backward`` run the tuned kernels ``<kind>_forward/_backward`` of
-    :mod:`sparsenet.fast_layers` (same values as the plain functions of this module)."""
+    biases."""
 
     def __init__(self, name, shape, rng=None, xp=numpy):
         super().__init__(name)
@@ -361,8 +320,7 @@ class Conv2d(Weighted):
 
 
 class MaxPool2d(Layer):
-    """Max pooling, k×k windows, given stride. See :func:`maxpool2d_forward`;
-    runs :func:`sparsenet.fast_layers.maxpool2d_forward`."""
+    """Max pooling, k×k windows, given stride. See :func:`maxpool2d_forward`."""
 
     kind = "maxpool2d"
 
@@ -388,10 +346,7 @@ class ReLU(Layer):
 
 
 class Dropout(Layer):
-    """Inverted dropout whose ``rate`` may be changed at any time (§3.2 adjusts it).
-
-    ``rng`` is set by the owning network (a Generator of the network's array module).
-    """
+    """Inverted dropout whose ``rate`` §3.2 adjusts; the owning network sets ``rng``."""
 
     kind = "dropout"
 
@@ -424,6 +379,5 @@ class Flatten(Layer):
         return gy.reshape(self.cache)
 
 
-# The classes above run the tuned kernels; imported last because fast_layers imports
-# conv_output_size from here.
+# Imported last: fast_layers imports conv_output_size from here.
 from . import fast_layers as fast  # noqa: E402

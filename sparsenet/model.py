@@ -1,8 +1,7 @@
 """Networks: an ordered stack of layers, and the paper's LeNet architectures.
 
-A network is described by its ``spec`` (a JSON-able list of layer descriptions plus the
-input shape), which checkpoints store; so a network whose layers were later shrunk
-(dead-neuron removal) rebuilds from its own file without knowing how it got there.
+A network is described by its JSON-able ``spec`` (layers and input shape), which
+checkpoints store, so a network shrunk by dead-neuron removal rebuilds from its own file.
 """
 import math
 
@@ -10,29 +9,22 @@ import numpy
 
 from . import layers as L
 from .backend import get_array_module
-from .util import SparsenetError
+from .util import SparsenetError, whole
 
 LAYER_KINDS = {cls.kind: cls for cls in (L.Linear, L.Conv2d, L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten)}
-
-
+_SETTINGS = {"linear": ("n_in", "n_out"), "conv2d": ("c_in", "c_out", "k", "stride", "pad"),
+             "maxpool2d": ("k", "stride"), "relu": (), "dropout": ("rate", "base_rate"), "flatten": ()}
 MAX_PARAMS = 2**31  # entries in one network (8 GiB of float32): larger descriptions are refused
 
 
 def _whole(spec, key, low=1):
-    v = spec.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise SparsenetError(f"layer {spec.get('name')!r}: {key} must be a whole number >= {low}, got {v!r}")
-    return v
+    return whole(spec.get(key), f"layer {spec.get('name')!r}: {key}", low)
 
 
 def check_spec(spec):
-    """Validate a network description before anything is allocated.
-
-    Checks every layer's kind, name (unique) and settings, then follows the shapes from
-    the input to the output: a linear layer needs a vector of ``n_in`` values, a conv or
-    max-pool layer an (H, W, C) image with C = ``c_in`` and a window that fits, the last
-    layer's output is the class scores (a vector). Returns ``{"layer.param": shape}``
-    for every parameter, in order. Raises :class:`SparsenetError` (one line).
+    """Validate a network description before anything is allocated: every layer's kind,
+    unique name and settings, and the shapes from the input to the class scores (a
+    vector). Returns ``{"layer.param": shape}`` in order; raises :class:`SparsenetError`.
     """
     if not isinstance(spec, dict):
         raise SparsenetError("malformed network description: not an object")
@@ -45,7 +37,8 @@ def check_spec(spec):
     shape, params, names = tuple(shape), {}, set()
     for s in layers:
         if not isinstance(s, dict) or s.get("kind") not in LAYER_KINDS:
-            raise SparsenetError(f"unknown layer kind {s.get('kind') if isinstance(s, dict) else s!r} in network description")
+            kind = s.get("kind") if isinstance(s, dict) else s
+            raise SparsenetError(f"unknown layer kind {kind!r} in network description")
         name, kind = s.get("name"), s["kind"]
         if not isinstance(name, str) or not name or name in names:
             raise SparsenetError(f"malformed network description: layer name {name!r} missing or repeated")
@@ -86,42 +79,32 @@ def check_spec(spec):
         if sum(math.prod(v) for v in params.values()) > MAX_PARAMS:
             raise SparsenetError(f"network description declares more than {MAX_PARAMS:,} parameters")
     if len(shape) != 1:
-        raise SparsenetError(f"the last layer outputs shape {shape}; class scores must be a vector (add flatten/linear)")
+        raise SparsenetError(f"the last layer outputs shape {shape}; "
+                             "class scores must be a vector (add flatten/linear)")
     return params
-
-
-_SETTINGS = {"linear": ("n_in", "n_out"), "conv2d": ("c_in", "c_out", "k", "stride", "pad"),
-             "maxpool2d": ("k", "stride"), "relu": (), "dropout": ("rate", "base_rate"), "flatten": ()}
 
 
 def layer_from_spec(spec, rng=None, xp=numpy):
     """Build one layer from a dict produced by ``Layer.spec()`` (checked by :func:`check_spec`)."""
     spec = dict(spec)
     cls = LAYER_KINDS[spec.pop("kind")]
-    if cls in (L.Linear, L.Conv2d):
-        return cls(**spec, rng=rng, xp=xp)
-    return cls(**spec)
+    return cls(**spec, rng=rng, xp=xp) if cls in (L.Linear, L.Conv2d) else cls(**spec)
 
 
 class Network:
-    """A sequential network with a softmax cross-entropy head.
-
-    ``forward(x, train)`` returns logits; ``loss_and_backward(x, t)`` runs the forward
-    pass, the loss and the backward pass, leaving every ``Param.grad`` filled.
-    """
+    """A sequential network with a softmax cross-entropy head: ``forward`` returns logits,
+    ``loss_and_backward`` also fills every ``Param.grad``."""
 
     def __init__(self, layers, input_shape, name="", seed=0, origin=None):
         self.layers = list(layers)
         self.input_shape = tuple(input_shape)
         self.name = name
         self.freeze(())
-        # Per-layer size of the dense network this one was pruned from ("weights" and
-        # "macs" per sample): reports state "% left" against it even after dead-neuron
-        # removal has physically shrunk the layers.
+        # Per-layer size of the dense network this one was pruned from: reports' "% left"
+        # is against it, also after dead-neuron removal has shrunk the layers.
         self.origin = origin or {r["name"]: {k: r[k] for k in ("weights", "params", "macs")}
                                  for r in self.summary() if r["weight_shape"] is not None}
-        xp = self.xp
-        self.dropout_rng = (numpy.random.default_rng(seed) if xp is numpy else xp.random.default_rng(seed))
+        self.dropout_rng = self.xp.random.default_rng(seed)  # NumPy or CuPy, as the params
         for layer in self.layers:
             if isinstance(layer, L.Dropout):
                 layer.rng = self.dropout_rng
@@ -180,11 +163,8 @@ class Network:
         return rows
 
     def freeze(self, names):
-        """Freeze exactly the layers named in ``names`` (no parameter updates; §3.3).
-
-        The backward pass then stops at the first layer that still trains: nothing
-        below it needs an input gradient.
-        """
+        """Freeze exactly the layers named in ``names`` (no parameter updates; §3.3); the
+        backward pass then stops at the first layer that still trains."""
         names = set(names)
         unknown = names - {l.name for l in self.layers if l.params}
         if unknown:
@@ -250,10 +230,8 @@ def lenet_300_100():
 
 
 def lenet_5():
-    """Caffe's LeNet-5 (431,080 parameters); input NHWC (28, 28, 1).
-
-    conv 20@5×5 → maxpool 2/2 → conv 50@5×5 → maxpool 2/2 → fc 800→500 → ReLU → fc 500→10.
-    """
+    """Caffe's LeNet-5 (431,080 parameters), input NHWC (28, 28, 1): conv 20@5×5 →
+    maxpool 2/2 → conv 50@5×5 → maxpool 2/2 → fc 800→500 → ReLU → fc 500→10."""
     return (28, 28, 1), [
         {"kind": "conv2d", "name": "conv1", "c_in": 1, "c_out": 20, "k": 5},
         {"kind": "maxpool2d", "name": "pool1", "k": 2, "stride": 2},
@@ -270,9 +248,8 @@ MODELS = {"lenet-300-100": lenet_300_100, "lenet-5": lenet_5}
 
 
 def build_network(spec, seed=0, xp=numpy):
-    """Build a network from a spec dict (``Network.spec()``), initialised from ``seed``.
-
-    The description is validated whole (:func:`check_spec`) before any array exists."""
+    """Build a network from a spec dict (``Network.spec()``, checked whole by
+    :func:`check_spec` first), initialised from ``seed``."""
     check_spec(spec)
     origin = spec.get("origin")
     if origin is not None and not (isinstance(origin, dict) and all(

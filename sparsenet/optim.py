@@ -6,11 +6,9 @@ The update (Caffe's convention), for every parameter W with mask M::
     V ← μ·V + η_t·lr_mult·g
     W ← W − V,  then W and V set to 0 where M = 0
 
-Because W, gW and V are all 0 at pruned positions, every term of the update is 0
-there; the final select (:meth:`sparsenet.param.Param.zero_pruned`) re-asserts the rule
-even when a diverging run has produced NaN. The L1/L2 terms therefore act on surviving
-weights only. The momentum V lives with its parameter (``Param.state["momentum"]``), so
-pruning and neuron removal keep it in step with the weights.
+W, gW and V are 0 at pruned positions, so every term is 0 there (L1/L2 act on survivors
+only); the select (:meth:`sparsenet.param.Param.zero_pruned`) re-asserts it even after NaN.
+V lives with its parameter (``Param.state["momentum"]``).
 
 Learning-rate policies, with t the iteration count (starting at 0):
 
@@ -24,7 +22,7 @@ pruning schedules, the command-line flags and :class:`SGD` all use these names.
 import math
 
 from .backend import get_array_module
-from .util import SparsenetError
+from .util import SparsenetError, whole
 
 POLICIES = ("fixed", "step", "inv")
 DEFAULT_GAMMA = {"step": 0.1, "inv": 1e-4, "fixed": 0.0}
@@ -57,18 +55,13 @@ def check_settings(s, where=""):
     g = s["gamma"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0):
         raise SparsenetError(f"{where}gamma must be a finite number >= 0 (or null for the policy's default), got {g!r}")
-    v = s["step_size"]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise SparsenetError(f"{where}step_size must be a whole number >= 1, got {v!r}")
+    whole(s["step_size"], f"{where}step_size", 1)
     return s
 
 
 class SGD:
-    """Momentum SGD over a dict of :class:`sparsenet.param.Param` (settings: module docstring).
-
-    Its own state is the iteration count t (:meth:`state_dict` / :meth:`load_state_dict`);
-    the momentum arrays belong to the parameters.
-    """
+    """Momentum SGD over a dict of :class:`sparsenet.param.Param`; its own state is the
+    iteration count t (:meth:`state_dict` / :meth:`load_state_dict`)."""
 
     def __init__(self, params, lr=0.01, momentum=0.9, weight_decay=5e-4, l1=0.0, lr_policy="inv",
                  gamma=None, power=0.75, step_size=1):

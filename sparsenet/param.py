@@ -1,41 +1,23 @@
 """A trainable array that owns its mask: the one place where the pruning rule lives.
 
-The rule (the paper's "pruned connections never come back"): a parameter has a 0/1
-mask ``M`` of its own shape; where ``M = 0`` the value *and every optimiser state array*
-(momentum, …) are exactly 0, and a mask only ever loses ones. Every change of a mask goes
-through :meth:`Param._assign`, which checks the rule before anything is stored:
-
-* :meth:`Param.prune` narrows the mask (``M ← M ⊙ keep``) and zeroes the value and the
-  state there — magnitude pruning (:mod:`sparsenet.pruning`) calls it;
-* :meth:`Param.take` keeps some rows/columns of the value, mask, state and gradient
-  together — dead-neuron removal (§3.5) calls it;
-* :meth:`Param.load` installs value, mask and state read from a file, rejecting a file
-  that breaks the rule (it is never "repaired", and a mask is never derived from the
-  values: a surviving weight may be exactly 0.0 and stays a connection);
-* :meth:`Param.zero_pruned` re-asserts the rule after an optimiser update with a
-  *select* (``W[M = 0] ← 0``), not a product: ``W ⊙ M`` would keep NaN·0 = NaN when a
-  diverging run overflows.
-
-The optimiser keeps its per-parameter arrays in ``state`` (``state["momentum"]``), so
-pruning and neuron removal need no optimiser argument and cannot leave them stale.
+The rule: a parameter has a 0/1 mask ``M``; where ``M = 0`` the value *and every
+optimiser state array* (``state["momentum"]``, …) are exactly 0, and a mask only ever
+loses ones. Only :meth:`Param._assign` sets a mask, and these operations call it:
+:meth:`~Param.prune` (narrow the mask, zero value and state there), :meth:`~Param.take`
+(keep rows/columns of everything together: §3.5), :meth:`~Param.load` (install arrays
+read from a file after checking the rule; a mask is never derived from the values, so a
+survivor at exactly 0.0 stays a connection). :meth:`~Param.zero_pruned` re-asserts the
+rule after an update with a select, not a product (NaN·0 = NaN in a diverging run).
 """
 from .backend import get_array_module
 from .util import SparsenetError
 
 
 class Param:
-    """A trainable array with its gradient, mask and optimiser state.
-
-    Attributes
-    ----------
-    data : array, the value ``W`` (exactly 0 where pruned).
-    grad : array or None, ``dL/dW`` of the last backward pass (already ``⊙ M``).
-    mask : array (read-only property) of ``data``'s shape and dtype, 1 kept, 0 pruned.
-    state : dict of arrays of ``data``'s shape owned by the optimiser (e.g. "momentum").
-    prunable : whether pruning may touch it (weights yes, biases no).
-    lr_mult, decay_mult : per-parameter multipliers of the learning rate and of the
-        regularisation strength (Caffe's ``lr_mult``/``decay_mult``).
-    """
+    """``data`` (the value W), ``grad`` (dL/dW ⊙ M of the last backward pass, or None),
+    ``mask`` (read-only: 1 kept, 0 pruned; ``data``'s shape and dtype), ``state`` (the
+    optimiser's arrays), ``prunable`` (weights yes, biases no), and Caffe's ``lr_mult`` /
+    ``decay_mult`` (multipliers of the learning rate and of the regularisation)."""
 
     __slots__ = ("data", "grad", "_mask", "state", "prunable", "lr_mult", "decay_mult")
 

@@ -1,16 +1,10 @@
-"""Pruning connections (step 2 of the method) and neurons (§3.5), and §3.2's dropout.
+"""Pruning connections (:func:`prune`, criteria :data:`CRITERIA`) and dead neurons
+(§3.5, :func:`remove_dead_neurons`), and §3.2's dropout adjustment (:func:`adjust_dropout`).
 
-* magnitude pruning — :func:`prune` with the criteria of :data:`CRITERIA`
-  (:func:`quality_mask`, the paper's ``|w| < q·std`` rule; :func:`percentile_mask`;
-  :func:`global_masks`);
-* §3.2 dropout-ratio adjustment — :func:`adjust_dropout`;
-* §3.5 dead neurons — :func:`remove_dead_neurons`.
-
-The functions here only *choose* which connections go; the rule that a pruned
-connection is exactly 0 and never comes back is kept by :class:`sparsenet.param.Param`
-(:meth:`~sparsenet.param.Param.prune`, :meth:`~sparsenet.param.Param.take`). Criteria
-read the mask, never ``W == 0``: a surviving weight may pass through zero and stays a
-connection. Pruning targets and densities are fractions of the original (dense) layer.
+These functions only *choose* which connections go; :class:`sparsenet.param.Param` keeps
+a pruned connection exactly 0 for good. Criteria read the mask, never ``W == 0`` (a
+surviving weight may pass through zero). Targets and densities are fractions of the
+original (dense) layer.
 """
 import math
 
@@ -27,9 +21,8 @@ CRITERIA = ("quality", "percentile", "global")
 def layer_amounts(net, amount):
     """Resolve ``amount`` to ``{"fc1.W": value, ...}`` over the prunable parameters.
 
-    ``amount`` is a number (every prunable layer) or a dict of layer names to numbers,
-    with an optional ``"default"`` for the layers not named; a layer that is neither
-    named nor covered by a default is left alone.
+    ``amount`` is a number (every prunable layer) or a dict of layer names to numbers, with
+    an optional ``"default"``; a layer neither named nor covered by a default is left alone.
     """
     prunable = {name: p for name, p in net.params().items() if p.prunable}
     layer_of = {name: name.rsplit(".", 1)[0] for name in prunable}
@@ -48,8 +41,10 @@ def layer_amounts(net, amount):
     return {n: float(v) for n, v in out.items()}
 
 
-def _keep_largest(W, M, n_keep):
-    """Mask keeping the ``n_keep`` largest |W| among the survivors of ``M`` (ties: first index)."""
+def _keep_largest(W, M, sparsity, size):
+    """Mask keeping the largest |W| among the survivors of ``M`` (ties: first index) so that
+    a fraction ``sparsity`` of ``size`` weights (default ``M.size``) is pruned."""
+    n_keep = int(round((1.0 - sparsity) * (M.size if size is None else size)))
     xp = get_array_module(W)
     idx = xp.flatnonzero(M)
     if n_keep >= idx.size:
@@ -62,10 +57,8 @@ def _keep_largest(W, M, n_keep):
 
 
 def quality_mask(W, M, quality):
-    """The paper's rule: prune ``|w| < quality · std(surviving w)``.
-
-    The std is over the layer's surviving weights (mask ones, whatever their value).
-    """
+    """The paper's rule: prune ``|w| < quality · std(surviving w)`` (the std is over the
+    mask's ones, whatever their value)."""
     if quality < 0:
         raise SparsenetError(f"quality must be >= 0, got {quality}")
     xp = get_array_module(W)
@@ -80,21 +73,18 @@ def percentile_mask(W, M, sparsity, size=None):
     """Per-layer target: prune the smallest-magnitude survivors until a fraction
     ``sparsity`` of the layer's weights (counting earlier prunes) is pruned.
 
-    ``size`` is the weight count the fraction is of: the layer's original (dense) size
-    when dead-neuron removal has shrunk it (:func:`prune` passes ``net.origin``'s), else
-    ``M.size``. A layer already at least that sparse is left as it is (masks never grow).
+    ``size``: the weight count the fraction is of (the original one, from :func:`prune`;
+    default ``M.size``). A layer already that sparse is left as it is (masks never grow).
     """
     if not 0.0 <= sparsity <= 1.0:
         raise SparsenetError(f"target sparsity must be in [0, 1], got {sparsity}")
-    return _keep_largest(W, M, int(round((1.0 - sparsity) * (M.size if size is None else size))))
+    return _keep_largest(W, M, sparsity, size)
 
 
 def global_masks(params, sparsity, size=None):
-    """One magnitude threshold over all the given parameters: the smallest survivors are
-    pruned until a fraction ``sparsity`` of all their weights (``size`` of them: the
-    original count, by default their current one) is pruned.
-
-    ``params`` maps names to :class:`~sparsenet.param.Param`; returns names -> new mask.
+    """One magnitude threshold over ``params`` (names -> :class:`~sparsenet.param.Param`):
+    the smallest survivors are pruned until a fraction ``sparsity`` of all their weights
+    (``size``: the original count; default the current one) is. Returns names -> new mask.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise SparsenetError(f"target sparsity must be in [0, 1], got {sparsity}")
@@ -104,7 +94,7 @@ def global_masks(params, sparsity, size=None):
     names = list(params)
     W = xp.concatenate([params[n].data.ravel() for n in names])
     M = xp.concatenate([params[n].mask.ravel() for n in names])
-    new = _keep_largest(W, M, int(round((1.0 - sparsity) * (M.size if size is None else size))))
+    new = _keep_largest(W, M, sparsity, size)
     out, start = {}, 0
     for n in names:
         size = params[n].mask.size
@@ -115,10 +105,8 @@ def global_masks(params, sparsity, size=None):
 
 # ----------------------------------------------------------------------------- pruning
 def check_amount(net, criterion, amount):
-    """Validate a criterion and its amount for ``net`` before anything is pruned: the
-    target sparsity of ``global`` (one number in [0, 1]), or per-layer values
-    (:func:`layer_amounts`; q >= 0 for ``quality``, sparsities in [0, 1] for
-    ``percentile``). Returns the resolved amount."""
+    """Validate and resolve a criterion's amount before anything is pruned: ``global``'s one
+    sparsity in [0, 1], else per-layer values (:func:`layer_amounts`)."""
     if criterion not in CRITERIA:
         raise SparsenetError(f"unknown pruning criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
     if criterion == "global":
@@ -137,15 +125,11 @@ def prune(net, criterion="quality", amount=1.0, relative_to="original"):
     """Prune ``net`` in place; return ``{"fc1.W": (survivors before, after), ...}``.
 
     criterion ``quality``: amount = q per layer, threshold q·std (the paper's rule);
-    ``percentile``: amount = target sparsity per layer; ``global``: amount = target
-    sparsity over all prunable weights, one threshold. ``amount`` may be a dict of layer
-    names (with an optional ``"default"``) for per-layer settings; ``global`` takes a
-    single number. Targets are fractions of the *original* (dense) layers, as the
-    paper's tables give them, also after dead-neuron removal has shrunk the layers;
-    ``relative_to="current"`` measures them against the layers as they are now.
-
-    Each new mask goes to :meth:`Param.prune`, which zeroes the weights and the
-    optimiser state (momentum) at the newly pruned positions.
+    ``percentile``: amount = target sparsity per layer; ``global``: one target sparsity
+    over all prunable weights. Per-layer amounts may be a dict (:func:`layer_amounts`).
+    Targets are fractions of the *original* (dense) layers, also after dead-neuron removal;
+    ``relative_to="current"`` measures them against the layers as they are now. New masks
+    go to :meth:`Param.prune`, which zeroes weights and momentum where they prune.
     """
     amounts = check_amount(net, criterion, amount)
     if relative_to not in ("original", "current"):
@@ -168,8 +152,7 @@ def prune(net, criterion="quality", amount=1.0, relative_to="original"):
 
 def prune_at_random(net, density, seed=0):
     """Prune every prunable weight at random, keeping a ``density[layer]`` fraction of it
-    (a baseline, and pruned networks of given densities for tests and benchmarks without
-    training them). Returns ``net``."""
+    (a baseline, and sparse networks for tests and benchmarks). Returns ``net``."""
     rng = numpy.random.default_rng(seed)
     for name, p in net.params().items():
         if p.prunable:
@@ -187,18 +170,15 @@ def densities(net):
 def adjust_dropout(net):
     """§3.2: ``D_r = D_o · sqrt(C_ir / C_io)`` for every dropout layer.
 
-    C_i is the connection count of the parametric layer whose outputs the dropout layer
-    drops (the nearest one before it): C_io its original count (``net.origin``), C_ir
-    its surviving connections now. D_o is the dropout layer's ``base_rate``. Returns
-    ``{dropout name: new rate}``.
+    C_i: connections of the nearest parametric layer before the dropout layer, originally
+    (C_io) and now (C_ir); D_o: its ``base_rate``. Returns ``{dropout name: new rate}``.
     """
-    rates, last = {}, None
+    rates, last, density = {}, None, densities(net)
     for l in net.layers:
         if "W" in l.params:
             last = l
         elif isinstance(l, L.Dropout) and last is not None:
-            c_o = net.origin.get(last.name, {}).get("weights", last.params["W"].size)
-            l.rate = l.base_rate * math.sqrt(last.params["W"].nonzero() / c_o)
+            l.rate = l.base_rate * math.sqrt(density[last.name])
             rates[l.name] = l.rate
     return rates
 
@@ -207,17 +187,10 @@ def adjust_dropout(net):
 _PASS = (L.ReLU, L.MaxPool2d, L.Dropout, L.Flatten)  # act unit by unit (channel by channel)
 
 
-def _units(W):
-    """View of a weight as (units out, …): rows of a linear W, filters of a conv W."""
-    return W.reshape(W.shape[0], -1)
-
-
 def _inputs_of(W, n_units, flat):
     """View of ``W`` (the next layer's weight) as (its units, n_units, …) over the inputs
-    coming from each unit of the previous layer.
-
-    linear after linear: column j; linear after conv + flatten (NHWC order): columns
-    j, j + C, j + 2C, …; conv after conv: W[:, :, :, j].
+    from each unit j of the previous layer: column j of a linear W; columns j, j + C, …
+    after a conv and flatten (NHWC order); W[:, :, :, j] of a conv W.
     """
     if W.ndim == 4:  # conv (F, kh, kw, C): move the channel axis next to F
         return W.transpose(0, 3, 1, 2).reshape(W.shape[0], n_units, -1)
@@ -239,34 +212,21 @@ def _pairs(net):
     return out
 
 
-def _constant_through(c, between):
-    """What a constant activation c (per unit) becomes after the unit-wise layers (inference)."""
-    for m in between:
-        if isinstance(m, L.ReLU):
-            c = get_array_module(c).maximum(c, 0)
-    return c  # max-pool, flatten and (inference) dropout pass constants through
-
-
 def remove_dead_neurons(net):
     """§3.5: remove the units left with no incoming or no outgoing connection.
 
-    For consecutive parametric layers A → (ReLU / max-pool / flatten / dropout) → B, a
-    unit j of A (a row of a linear W, a filter of a conv W) is dead when
+    For parametric layers A → (ReLU / max-pool / flatten / dropout) → B, a unit j of A
+    (a row of a linear W, a filter of a conv W) is dead when
 
-    * all its incoming weights are pruned: it emits the constant ``c_j = f(b_j)``
-      (f = the unit-wise layers in between, e.g. ReLU). Its effect on B is constant
-      too, so it is folded into B's bias first:
-      ``b_B ← b_B + Σ_{inputs of B reading j} W_B · c_j`` — for a conv B this sum runs
-      over the kernel, which is exact only without zero padding, so a unit with
-      ``c_j ≠ 0`` feeding a padded conv is kept;
-    * or all its outgoing weights (B's inputs from j) are pruned: it affects nothing.
+    * all its incoming weights are pruned: it emits the constant ``c_j = f(b_j)`` (f: the
+      layers in between), folded first into B's bias, ``b_B ← b_B + Σ_{inputs of B
+      reading j} W_B · c_j`` (exact for a conv B only without padding: a unit with
+      ``c_j ≠ 0`` feeding a padded conv is kept);
+    * or all its outgoing weights (B's inputs from j) are pruned.
 
-    Removing it deletes A's row/filter j and B's inputs from j (:meth:`Param.take`:
-    weight, mask, momentum together), so the layers physically shrink and the network's
-    outputs do not change. Removal can leave other units dead, so it repeats until
-    nothing changes. The output layer's units and the network's inputs are never
-    removed, and every layer keeps at least one unit. Returns ``{layer name: units
-    removed}``.
+    Removal deletes A's row/filter j and B's inputs from j (:meth:`Param.take`), leaving
+    the outputs unchanged, and repeats until nothing changes. The output units and the
+    inputs stay; every layer keeps at least one unit. Returns ``{layer: units removed}``.
     """
     removed = {}
     changed = True
@@ -277,9 +237,13 @@ def remove_dead_neurons(net):
             WA, bA, WB, bB = A.params["W"], A.params["b"], B.params["W"], B.params["b"]
             xp = get_array_module(WA.data)
             n = WA.data.shape[0]
-            no_in = ~_units(WA.mask).any(axis=1)
+            no_in = ~WA.mask.reshape(n, -1).any(axis=1)
             no_out = ~_inputs_of(WB.mask, n, flat).any(axis=(0, 2))
-            c = _constant_through(bA.data, between) * no_in
+            c = bA.data
+            for m in between:  # max-pool, flatten and (inference) dropout pass constants through
+                if isinstance(m, L.ReLU):
+                    c = xp.maximum(c, 0)
+            c = c * no_in
             exact_fold = WB.data.ndim == 2 or B.pad == 0  # a padded conv sees zeros at the border
             foldable = no_in & ((c == 0) | exact_fold)
             dead = no_out | foldable

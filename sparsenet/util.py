@@ -15,6 +15,13 @@ class SparsenetError(Exception):
     """An error a user can act on. The CLI prints its message on one line, no traceback."""
 
 
+def whole(v, what, low=0):
+    """``v`` if it is an int (not a bool) >= ``low``, else a one-line error about ``what``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise SparsenetError(f"{what} must be a whole number >= {low}, got {v!r}")
+    return v
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
