@@ -95,6 +95,25 @@ def to_device(a, xp):
     return xp.asarray(a)
 
 
+def set_threads(n=None):
+    """Limit BLAS to ``n`` threads (default ``$SPARSENET_THREADS``, else 1) for this process.
+
+    One thread is the default because BLAS threads spin-wait: on a machine whose cores are
+    busy with other jobs, two threads made a LeNet epoch up to 60× slower. Results depend
+    on the thread count (sums in another order); :func:`blas_info` records it."""
+    from threadpoolctl import threadpool_limits
+
+    n = n if n is not None else os.environ.get("SPARSENET_THREADS") or 1
+    try:
+        n = int(n)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SparsenetError(f"threads must be a whole number >= 1, got {n!r}")
+    threadpool_limits(n, user_api="blas")
+    return n
+
+
 def blas_info():
     """The BLAS library NumPy runs, its version, kernel family and thread count (results of
     a run depend on them), e.g. "openblas 0.3.31 (Haswell), 2 threads"; None if unknown."""

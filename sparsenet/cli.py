@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from .backend import set_threads
 from .model import MODELS, build_model
 from .optim import POLICIES, SETTINGS
 from .util import SparsenetError
@@ -17,6 +18,7 @@ def _add_common(p, json=True, data=True):
     from .backend import DEVICES
 
     p.add_argument("--device", choices=DEVICES, default=None, help="array backend (default: $SPARSENET_DEVICE, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: $SPARSENET_THREADS, else 1)")
     if data:
         p.add_argument("--data-dir", default=None,
                        help="directory holding mnist/ (and fashion-mnist/) (default: $SPARSENET_DATA, else ./data)")
@@ -110,11 +112,11 @@ def build_parser():
     _add_common(p)
 
     p = sub.add_parser("reproduce", help="rerun one of the paper's LeNet experiments end to end",
-                       description="Dense training, iterative pruning with retraining, dead-neuron removal, "
-                                   "per-layer report and figures, written to reproduce/results/EXPERIMENT/. "
-                                   "A killed run resumes when started again.")
+                       description="Dense training, iterative pruning with retraining, dead-neuron removal, per-layer "
+                                   "report and figures, written to runs/EXPERIMENT/ and compared with the committed "
+                                   "reproduce/results/EXPERIMENT/. A killed run resumes when started again.")
     p.add_argument("experiment", help="lenet-300-100, lenet-5, … (a config in reproduce/) or a config .json")
-    p.add_argument("--out", help="results folder (default reproduce/results/EXPERIMENT)")
+    p.add_argument("--out", help="results folder (default runs/EXPERIMENT)")
     p.add_argument("--no-progress", action="store_true")
     _add_common(p, json=False)
 
@@ -321,6 +323,7 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, 
 def main(argv=None):
     a = build_parser().parse_args(argv)
     try:
+        set_threads(getattr(a, "threads", None))
         COMMANDS[a.command](a)
     except SparsenetError as e:
         print(f"sparsenet: error: {e}", file=sys.stderr)

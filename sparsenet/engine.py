@@ -355,10 +355,14 @@ def _round(R, opt, train_data, test_data):
         if not numpy.isfinite(loss) or not all(bool(net.xp.isfinite(p.data).all()) for p in net.params().values()):
             raise SparsenetError(f"training diverged in {R.where(e + 1)} (loss {loss:.4g}); the last good "
                                  f"checkpoint is {R.ckpt} ({R.where(e)}); start again with a lower learning rate")
+        seconds = time.perf_counter() - t0
+        before = next((rec["seconds"] for rec in reversed(R.log) if "loss" in rec), None)
+        if R.progress and before and seconds > max(3 * before, 2):
+            print(f"warning: this epoch took {seconds:.1f} s, {seconds / before:.0f}x the one before; "
+                  "are other jobs using the cores? (--threads / SPARSENET_THREADS)", file=sys.stderr)
         rec = {"event": "epoch", "round": k + 1} if R.schedule.prunes else {}
         rec.update({"epoch": e + 1, "iteration": opt.iteration, "lr": opt.current_lr(), "loss": loss,
-                    "train_error": train_err, "test_error": net.error(xt, tt),
-                    "seconds": round(time.perf_counter() - t0, 3)})
+                    "train_error": train_err, "test_error": net.error(xt, tt), "seconds": round(seconds, 3)})
         R.record(rec)
         state["epoch"] = e + 1
         R.commit(opt)

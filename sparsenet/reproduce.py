@@ -134,7 +134,7 @@ def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True):
 def reproduce(name, out=None, data_dir=None, device=None, progress=True):
     """Run (or resume) an experiment; returns its metrics (as in ``metrics.json``, plus ``results_dir``)."""
     cfg, cfg_path = load_config(name)
-    out = Path(out) if out is not None else REPRO_DIR / "results" / cfg["experiment"]
+    out = Path(out) if out is not None else Path("runs") / cfg["experiment"]  # never the committed results
     work = out / "work"
     t_start = time.time()
     commit = _git_commit()  # the code that runs this call (a resumed run may span several)
@@ -192,7 +192,7 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
                    for x in log if x["event"] == "round"],
         "sensitivity": sens and {k: sens[k] for k in ("ratios", "layers", "baseline")},
         "tradeoff": trade, "figures": figures, "paper": TABLE1.get(model),
-        "checks": _checks(cfg.get("bounds", {}), rep),
+        "checks": _checks(cfg.get("bounds", {}), rep), "committed": _committed(cfg["experiment"], out),
         "provenance": {"seed": tcfg.seed, "prune_seed": cfg["prune"].get("seed", 0), "sparsenet": __version__,
                        "commit": commit,
                        "commits": sorted(set(timing.get("provenance", {}).get("commits", [])) | {commit}),
@@ -206,6 +206,16 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
     write_text_atomic(out / "report.md", format_report(metrics, rep))
     _say(progress, f"wrote {out / 'report.md'} ({time.time() - t_start:.0f} s this call)")
     return {**metrics, "results_dir": str(out)}  # usable from the current directory; not in metrics.json
+
+
+def _committed(experiment, out):
+    """The committed result of the experiment (``reproduce/results/``) when this run writes elsewhere."""
+    m = _read_json(REPRO_DIR / "results" / experiment / "metrics.json")
+    if m is None or (REPRO_DIR / "results" / experiment).resolve() == out.resolve():
+        return None
+    return {"results": repo_path(REPRO_DIR / "results" / experiment), "dense_error": m["dense"]["test_error"],
+            **{k: m["pruned"][k] for k in ("test_error", "nonzero_params", "compression")},
+            "blas": m["provenance"].get("blas")}
 
 
 def repo_path(path):
@@ -249,6 +259,12 @@ def format_report(m, rep):
                  f"{k} {'×'.join(map(str, v))}" for k, v in pr["shapes"].items() if k.endswith(".W")) + ".", ""]
     if m["checks"]:
         lines += ["**Checks:** " + "; ".join(format_check(k, c) for k, c in m["checks"].items()) + ".", ""]
+    if m.get("committed"):
+        c, same = m["committed"], m["committed"]["nonzero_params"] == pr["nonzero_params"]
+        lines += [f"**Committed result** (`{c['results']}`, BLAS: {c['blas']}): {d2(c['dense_error'])} → "
+                  f"{d2(c['test_error'])} with {c['nonzero_params']:,} parameters ({c['compression']:.1f}×); this run "
+                  + ("matches it." if same and c["test_error"] == pr["test_error"] else
+                     "differs (results depend on the BLAS build and thread count)."), ""]
     lines += [f"## Per-layer table (the paper's Table {layers['table'] if layers else '2/3'})", "",
               "\n".join(format_markdown(rep, layers).splitlines()[2:]), "",
               "## Rounds of pruning (§3.4)", "",

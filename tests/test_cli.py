@@ -128,3 +128,14 @@ def test_export_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "m.h5").read_bytes() == b"keep me"
     assert run("export", str(tmp_path / "ck.h5"), str(tmp_path / "m.h5"), "--force").returncode == 0
     assert (tmp_path / "m.h5").read_bytes() != b"keep me"
+
+
+def test_threads_option_and_default(tmp_path):
+    """BLAS runs on one thread unless asked (busy machines); a bad count is one line."""
+    from sparsenet.backend import blas_info, set_threads
+
+    assert set_threads() == 1 and "1 threads" in blas_info()
+    assert set_threads(2) == 2 and "2 threads" in blas_info()
+    set_threads(1)
+    _one_line_error(run("eval", "x.h5", "--threads", "0"), "threads must be")
+    _one_line_error(run("eval", "x.h5", env={"SPARSENET_THREADS": "many"}), "threads must be")
