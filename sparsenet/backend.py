@@ -1,12 +1,10 @@
-"""NumPy/CuPy dispatch: the one place that knows CuPy exists.
+"""NumPy/CuPy dispatch, the one place that knows CuPy exists (imported lazily, only here).
 
-Layer code receives arrays and calls :func:`get_array_module` on them (as Chainer v1's
-``cuda.get_array_module``), so the same lines run on NumPy (CPU) and CuPy (GPU). CuPy is
-imported lazily and only here; NumPy is the default.
-
-The device is chosen by ``--device cpu|gpu`` on the command line, else the environment
-variable ``SPARSENET_DEVICE``, else ``cpu``.
+Layer code calls :func:`get_array_module` on its arrays (as Chainer v1 does), so the same
+lines run on NumPy (CPU) and CuPy (GPU). The device: ``--device``, else
+``$SPARSENET_DEVICE``, else ``cpu``; BLAS threads: :func:`set_threads`.
 """
+import importlib
 import os
 
 import numpy
@@ -20,28 +18,21 @@ def get_array_module(*arrays):
     """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
     for a in arrays:
         if type(a).__module__.split(".")[0] == "cupy":
-            import cupy
-
-            return cupy
+            return importlib.import_module("cupy")
     return numpy
 
 
 def resolve_device(device=None):
     """``device`` if given, else ``$SPARSENET_DEVICE``, else ``"cpu"``; validated."""
-    device = device or os.environ.get("SPARSENET_DEVICE") or "cpu"
-    device = device.lower()
+    device = (device or os.environ.get("SPARSENET_DEVICE") or "cpu").lower()
     if device not in DEVICES:
         raise SparsenetError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     return device
 
 
 def array_module(device=None):
-    """The array module for a device name: ``numpy`` for cpu, ``cupy`` for gpu (an array
-    module passed in is returned as it is, so a command resolves its device once).
-
-    Raises :class:`SparsenetError` (one line) when the GPU is asked for but CuPy is not
-    installed or sees no CUDA device.
-    """
+    """``numpy`` for cpu, ``cupy`` for gpu (a module passed in is returned as it is); a
+    one-line error when CuPy is missing or sees no CUDA device."""
     if device is not None and not isinstance(device, str):
         return device
     if resolve_device(device) == "cpu":
@@ -52,8 +43,7 @@ def array_module(device=None):
         raise SparsenetError(
             f"--device gpu needs CuPy, which could not be imported ({type(e).__name__}: {e}); "
             "install the CuPy wheel for your CUDA version, e.g. pip install cupy-cuda12x "
-            "(or pip install -e '.[gpu]' in a sparsenet checkout)"
-        ) from None
+            "(or pip install -e '.[gpu]' in a sparsenet checkout)") from None
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
@@ -70,29 +60,18 @@ def device_name(xp):
 
 def asnumpy(a):
     """Copy a CuPy array to the host; return NumPy arrays (and scalars) as NumPy arrays."""
-    if get_array_module(a) is not numpy:
-        return a.get()
-    return numpy.asarray(a)
+    return a.get() if get_array_module(a) is not numpy else numpy.asarray(a)
 
 
 def sparse_module(xp):
-    """The sparse-matrix module matching an array module: ``scipy.sparse`` for NumPy,
-    ``cupyx.scipy.sparse`` for CuPy (both offer ``csr_matrix((data, indices, indptr),
-    shape)`` and ``A @ dense``)."""
-    if xp is numpy:
-        import scipy.sparse
-
-        return scipy.sparse
-    import cupyx.scipy.sparse
-
-    return cupyx.scipy.sparse
+    """The sparse-matrix module matching an array module: ``scipy.sparse`` for NumPy, ``cupyx.scipy.sparse``
+    for CuPy (both offer ``csr_matrix((data, indices, indptr), shape)`` and ``A @ dense``)."""
+    return importlib.import_module("scipy.sparse" if xp is numpy else "cupyx.scipy.sparse")
 
 
 def to_device(a, xp):
     """Move a host or device array onto the module ``xp`` (no copy if already there)."""
-    if xp is numpy:
-        return asnumpy(a)
-    return xp.asarray(a)
+    return asnumpy(a) if xp is numpy else xp.asarray(a)
 
 
 def set_threads(n=None):

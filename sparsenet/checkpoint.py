@@ -32,17 +32,15 @@ FORMAT, VERSION = "sparsenet-checkpoint", 1
 
 
 def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None, log=None):
-    """Write ``net`` (and optionally optimiser/RNG state and a run log) to ``path`` atomically.
-
-    With ``optimizer`` the parameters' momentum is saved (zeros where none exists yet).
-    """
+    """Write ``net`` (and optionally optimiser/RNG state and a run log) to ``path`` atomically; with
+    ``optimizer`` the parameters' momentum is saved (zeros where none exists yet)."""
     with h5io.create(path) as f:
-        for key, value in (("format", FORMAT), ("network", json.dumps(net.spec())), ("config", json.dumps(config or {})),
+        for key, value in (("format", FORMAT), ("network", json.dumps(net.spec())),
+                           ("config", json.dumps(config or {})),
                            ("optimizer", json.dumps(optimizer.state_dict() if optimizer else None)),
                            ("rng", json.dumps(rng.bit_generator.state if rng is not None else None))):
             h5io.set_text(f, key, value)
-        f.attrs["version"] = VERSION
-        f.attrs["epoch"] = int(epoch)
+        f.attrs["version"], f.attrs["epoch"] = VERSION, int(epoch)
         if isinstance(net.dropout_rng, numpy.random.Generator):
             h5io.set_text(f, "dropout_rng", json.dumps(net.dropout_rng.bit_generator.state))
         for name, p in net.params().items():
@@ -50,7 +48,8 @@ def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None, l
             h5io.write_dataset(f, f"masks/{name}", asnumpy(p.mask).astype(numpy.uint8))
             if optimizer is not None:
                 v = p.state.get("momentum")
-                h5io.write_dataset(f, f"velocity/{name}", asnumpy(v) if v is not None else numpy.zeros_like(asnumpy(p.data)))
+                h5io.write_dataset(f, f"velocity/{name}",
+                                   asnumpy(v) if v is not None else numpy.zeros_like(asnumpy(p.data)))
         if log is not None:
             text = "".join(json.dumps(r) + "\n" for r in log).encode()
             h5io.write_dataset(f, "log", numpy.frombuffer(text, dtype=numpy.uint8), compress=True)
@@ -81,14 +80,14 @@ def _generator(gen, state, path):
 
 
 def load_checkpoint(path, xp=numpy):
-    """Read a checkpoint written by :func:`save_checkpoint` onto the array module ``xp``
-    (checks: module docstring)."""
+    """Read a checkpoint written by :func:`save_checkpoint` onto the array module ``xp`` (checks: module doc)."""
     path = Path(path)
     with h5io.open_file(path, "checkpoint") as f:
         if h5io.text_attr(f, "format") != FORMAT:
             raise SparsenetError(f"{path}: not a sparsenet checkpoint (format tag missing)")
         if f.attrs.get("version") != VERSION:
-            raise SparsenetError(f"{path}: checkpoint version {f.attrs.get('version')} is not supported (expected {VERSION})")
+            raise SparsenetError(f"{path}: checkpoint version {f.attrs.get('version')} is not supported "
+                                 f"(expected {VERSION})")
         spec, config, opt_state, rng_state = (h5io.json_attr(f, k, path, "checkpoint")
                                               for k in ("network", "config", "optimizer", "rng"))
         if not isinstance(config, dict):
@@ -119,7 +118,8 @@ def load_checkpoint(path, xp=numpy):
         log = None
         if "log" in f:
             try:
-                log = [json.loads(line) for line in bytes(h5io.read_array(f, "log", path, kinds="u")).decode().splitlines()]
+                log = [json.loads(line)
+                       for line in bytes(h5io.read_array(f, "log", path, kinds="u")).decode().splitlines()]
             except ValueError as e:
                 raise SparsenetError(f"{path}: the stored run log is not JSON lines ({e})") from None
         epoch = f.attrs.get("epoch", 0)

@@ -8,16 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-from .backend import set_threads
+from .backend import DEVICES, set_threads
 from .model import MODELS, build_model
 from .optim import POLICIES, SETTINGS
 from .util import SparsenetError
 
 
 def _add_common(p, json=True, data=True):
-    from .backend import DEVICES
-
-    p.add_argument("--device", choices=DEVICES, default=None, help="array backend (default: $SPARSENET_DEVICE, else cpu)")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="array backend (default: $SPARSENET_DEVICE, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: $SPARSENET_THREADS, else 1)")
     if data:
         p.add_argument("--data-dir", default=None,
@@ -30,7 +29,8 @@ def _add_optim(p, d):
     """The optimiser settings (one vocabulary: :data:`sparsenet.optim.SETTINGS`) with defaults ``d``."""
     p.add_argument("--lr", type=float, default=d["lr"], help=f"base learning rate (default {d['lr']})")
     p.add_argument("--lr-policy", choices=POLICIES, default=d["lr_policy"], help=f"default {d['lr_policy']}")
-    p.add_argument("--gamma", type=float, default=None, help="gamma of the step/inv policies (default: step 0.1, inv 1e-4)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="gamma of the step/inv policies (default: step 0.1, inv 1e-4)")
     p.add_argument("--power", type=float, default=d["power"], help="power of the inv policy")
     p.add_argument("--step-size", type=int, default=d["step_size"],
                    help=f"iterations per step of the step policy (default {d['step_size']})")
@@ -54,6 +54,7 @@ def build_parser():
     from . import __version__
     from .data import DATASETS
     from .engine import RETRAIN_DEFAULTS, TrainConfig
+    from .modelfile import ENCODINGS
     from .pruning import CRITERIA
 
     ap = _Parser(prog="sparsenet", description=(
@@ -129,8 +130,6 @@ def build_parser():
     p.add_argument("--model", choices=sorted(MODELS))
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from .modelfile import ENCODINGS
-
     p = sub.add_parser("export", help="write a model file (dense, CSR or relative-index sparse) and its storage table")
     p.add_argument("checkpoint", help="a checkpoint (or a model file)")
     p.add_argument("out", nargs="?", help="model file to write (HDF5)")
@@ -157,8 +156,9 @@ def cmd_train(a):
         log = train(a.out, resume=True, data_dir=a.data_dir, device=a.device, progress=not a.no_progress,
                     epochs=a.epochs)
     else:
-        cfg = TrainConfig(model=a.model, dataset=a.dataset, epochs=TrainConfig.epochs if a.epochs is None else a.epochs,
-                          batch_size=a.batch_size, seed=a.seed, train_subset=a.train_subset, **{k: getattr(a, k) for k in SETTINGS})
+        cfg = TrainConfig(model=a.model, dataset=a.dataset, batch_size=a.batch_size, seed=a.seed,
+                          epochs=TrainConfig.epochs if a.epochs is None else a.epochs, train_subset=a.train_subset,
+                          **{k: getattr(a, k) for k in SETTINGS})
         log = train(a.out, cfg, data_dir=a.data_dir, device=a.device, progress=not a.no_progress)
     if log:
         r = log[-1]
@@ -169,17 +169,15 @@ def cmd_eval(a):
     from .engine import evaluate
 
     r = evaluate(a.checkpoint, a.data_dir, a.device)
-    if a.json:
-        print(json.dumps(r))
-    else:
-        print(f"{r['checkpoint']}: {r['model']} epoch {r['epoch']}  test error {100 * r['test_error']:.2f}%  "
-              f"params {r['params']:,} (non-zero {r['nonzero_params']:,})")
+    print(json.dumps(r) if a.json else f"{r['checkpoint']}: {r['model']} epoch {r['epoch']}  test error "
+          f"{100 * r['test_error']:.2f}%  params {r['params']:,} (non-zero {r['nonzero_params']:,})")
 
 
 def parse_amount(text):
     """``"0.9"`` -> 0.9; ``"fc1=0.92,fc2=0.9,default=0.8"`` -> dict of layer -> number."""
     try:
-        return float(text) if "=" not in text else {k.strip(): float(v) for k, v in (i.split("=") for i in text.split(","))}
+        return float(text) if "=" not in text else {k.strip(): float(v)
+                                                    for k, v in (i.split("=") for i in text.split(","))}
     except ValueError:
         raise SparsenetError(f"--amount {text!r}: expected a number or layer=number,... pairs") from None
 
@@ -196,7 +194,8 @@ def cmd_prune(a):
     else:
         schedule = uniform_schedule(
             a.criterion, parse_amount(a.amount), a.rounds, a.seed, epochs=a.epochs, batch_size=a.batch_size,
-            freeze=[n for n in a.freeze.split(",") if n], remove_neurons=not a.keep_dead_neurons, **{k: getattr(a, k) for k in SETTINGS})
+            freeze=[n for n in a.freeze.split(",") if n], remove_neurons=not a.keep_dead_neurons,
+            **{k: getattr(a, k) for k in SETTINGS})
     log = prune_run(a.checkpoint, a.out, schedule, resume=a.resume, data_dir=a.data_dir, device=a.device,
                     progress=not a.no_progress)
     r = log[-1]
@@ -239,12 +238,9 @@ def cmd_reproduce(a):
 def cmd_summary(a):
     if (a.checkpoint is None) == (a.model is None):
         raise SparsenetError("summary needs either a CHECKPOINT or --model NAME (not both)")
-    if a.model:
-        net = build_model(a.model)
-    else:
-        from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint
 
-        net = load_checkpoint(a.checkpoint).net
+    net = build_model(a.model) if a.model else load_checkpoint(a.checkpoint).net
     rows = net.summary()
     total = {"params": net.count_params(), "nonzero_params": net.count_nonzero(),
              "macs": sum(r["macs"] for r in rows)}
@@ -254,8 +250,9 @@ def cmd_summary(a):
     from .report import text_table
 
     print(text_table(["layer", "kind", "output", "weight", "params", "connections", "MACs/sample"], [
-        [r["name"], r["kind"], "x".join(map(str, r["output_shape"])), "x".join(map(str, r["weight_shape"] or [])) or "-",
-         f"{r['params']:,}", f"{r['nonzero_params']:,}", f"{r['macs']:,}"] for r in rows]
+        [r["name"], r["kind"], "x".join(map(str, r["output_shape"])),
+         "x".join(map(str, r["weight_shape"] or [])) or "-", f"{r['params']:,}", f"{r['nonzero_params']:,}",
+         f"{r['macs']:,}"] for r in rows]
         + [["total", "", "", "", f"{total['params']:,}", f"{total['nonzero_params']:,}", f"{total['macs']:,}"]]))
 
 
@@ -278,9 +275,11 @@ def cmd_export(a):
         return
     from .report import text_table
 
-    print(text_table(["layer", "weights", "connections", "density", "dense B", "CSR B", "relative B", "CSR idx",
-                      "rel idx", "CSR x", "rel x"], [
-        [w["layer"], f"{w['weights']:,}", f"{w['nonzero']:,}", f"{100 * w['density']:.1f}%", f"{w['dense_bytes']:,}",
+    orig = {**{k: v["weights"] for k, v in net.origin.items()}, "total": sum(v["weights"] for v in net.origin.values())}
+    print(text_table(["layer", "weights stored", "connections", "% of stored", "% of original", "dense B", "CSR B",
+                      "relative B", "CSR idx", "rel idx", "CSR x", "rel x"], [
+        [w["layer"], f"{w['weights']:,}", f"{w['nonzero']:,}", f"{100 * w['density']:.1f}%",
+         f"{100 * w['nonzero'] / orig[w['layer']]:.1f}%" if orig.get(w["layer"]) else "-", f"{w['dense_bytes']:,}",
          f"{w['csr_bytes']:,}", f"{w['relative_bytes']:,}", f"{w['csr_overhead_pct']:.1f}%",
          f"{w['relative_overhead_pct']:.1f}%", f"{w['ratio_csr']:.1f}", f"{w['ratio_relative']:.1f}"]
         for w in r["layers"] + [r["total"]]]))
@@ -316,8 +315,8 @@ def cmd_predict(a):
           f"(layers run {plan or 'none'})")
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
-            "report": cmd_report, "sensitivity": cmd_sensitivity, "export": cmd_export, "predict": cmd_predict}
+COMMANDS = dict(train=cmd_train, prune=cmd_prune, reproduce=cmd_reproduce, eval=cmd_eval, summary=cmd_summary,
+                report=cmd_report, sensitivity=cmd_sensitivity, export=cmd_export, predict=cmd_predict)
 
 
 def main(argv=None):

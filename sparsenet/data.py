@@ -211,10 +211,8 @@ def to_float(images):
 def _float_images(name, data_dir, train_subset):
     """Host arrays of a dataset as float32 in [0, 1], read once per process and kept."""
     ds = load_dataset(name, data_dir)
-    x, y = ds.x_train, ds.y_train
-    if train_subset:
-        x, y = x[:train_subset], y[:train_subset]
-    out = (to_float(x), y, to_float(ds.x_test), ds.y_test)
+    n = train_subset or None  # 0: all
+    out = (to_float(ds.x_train[:n]), ds.y_train[:n], to_float(ds.x_test), ds.y_test)
     for a in out:
         a.setflags(write=False)
     return out

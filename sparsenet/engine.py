@@ -32,7 +32,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DATASETS, load_split
 from .model import MODELS, build_model
 from .optim import SETTINGS, SGD, check_settings
-from .util import SparsenetError, progress_bar, whole, write_text_atomic
+from .util import SparsenetError, eta, progress_bar, whole, write_text_atomic
 
 # Retraining defaults, chosen by experiment on LeNet-300-100 (README, "Pruning").
 RETRAIN_DEFAULTS = {"epochs": 4, "lr": 0.02, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": 1876,
@@ -231,8 +231,13 @@ class _Run:
 
     def record(self, rec):
         self.log.append(rec)
-        if self.progress:
-            print(_describe(rec), file=sys.stderr)
+        if self.progress:  # an epoch with the time left (from the mean epoch so far), and a warning if it was slow
+            t, n = [r["seconds"] for r in self.log if "loss" in r], sum(r["epochs"] for r in self.schedule.rounds)
+            left = "loss" in rec and len(t) < n and f"  [{len(t)}/{n} epochs, {eta(sum(t) * (n / len(t) - 1))} left]"
+            print(_describe(rec) + (left or ""), file=sys.stderr)
+            if "loss" in rec and len(t) > 1 and t[-2] and t[-1] > max(3 * t[-2], 2):
+                print(f"warning: this epoch took {t[-1]:.1f} s, {t[-1] / t[-2]:.0f}x the one before; "
+                      "are other jobs using the cores? (--threads / SPARSENET_THREADS)", file=sys.stderr)
 
     def commit(self, opt):
         """Write the checkpoint (the commit point), then the views rebuilt from it."""
@@ -356,10 +361,6 @@ def _round(R, opt, train_data, test_data):
             raise SparsenetError(f"training diverged in {R.where(e + 1)} (loss {loss:.4g}); the last good "
                                  f"checkpoint is {R.ckpt} ({R.where(e)}); start again with a lower learning rate")
         seconds = time.perf_counter() - t0
-        before = next((rec["seconds"] for rec in reversed(R.log) if "loss" in rec), None)
-        if R.progress and before and seconds > max(3 * before, 2):
-            print(f"warning: this epoch took {seconds:.1f} s, {seconds / before:.0f}x the one before; "
-                  "are other jobs using the cores? (--threads / SPARSENET_THREADS)", file=sys.stderr)
         rec = {"event": "epoch", "round": k + 1} if R.schedule.prunes else {}
         rec.update({"epoch": e + 1, "iteration": opt.iteration, "lr": opt.current_lr(), "loss": loss,
                     "train_error": train_err, "test_error": net.error(xt, tt), "seconds": round(seconds, 3)})
@@ -380,13 +381,13 @@ def _round(R, opt, train_data, test_data):
 
 
 def _describe(rec):
-    err = f"test err {100 * rec['test_error']:.2f}%"
+    err, r = f"test err {100 * rec['test_error']:.2f}%", f"round {rec.get('round')} "
     if rec.get("event", "epoch") == "epoch":
-        head = f"round {rec['round']} epoch {rec['epoch']}" if "round" in rec else f"epoch {rec['epoch']}"
-        return f"{head}: loss {rec['loss']:.4f}  train err {100 * rec['train_error']:.2f}%  {err}  {rec['seconds']:.1f}s"
+        return (("round" in rec) * r + f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  train err "
+                f"{100 * rec['train_error']:.2f}%  {err}  {rec['seconds']:.1f}s")
     dens = "  ".join(f"{k} {100 * v:.1f}%" for k, v in rec["density"].items())
-    head = {"start": "start", "prune": f"round {rec.get('round')} pruned", "round": f"round {rec.get('round')} done"}
-    return f"{head[rec['event']]}: {err}  weights left (of the original layers): {dens}  ({rec['compression']:.1f}x)"
+    head = {"start": "start", "prune": r + "pruned", "round": r + "done"}[rec["event"]]
+    return f"{head}: {err}  weights left (of the original layers): {dens}  ({rec['compression']:.1f}x)"
 
 
 # ----------------------------------------------------------------------------- the two runs

@@ -1,6 +1,5 @@
-"""The paper's Figs. 4-6 redrawn for our networks as PNG: :func:`plot_pattern`, :func:`plot_tradeoff`,
-:func:`plot_sensitivity`. Each writes atomically and returns True, or False (writing nothing) without
-matplotlib. The paper's Figs. 5 and 6 are AlexNet's; these draw the network given."""
+"""The paper's Figs. 4-6 for our networks, and training curves, as PNG (AlexNet's Figs. 5 and 6 redrawn for the
+network given). Each ``plot_*`` writes atomically and returns True, or False (writing nothing) without matplotlib."""
 import numpy
 
 from .backend import asnumpy
@@ -14,8 +13,7 @@ def _plot(path, figsize, draw, dpi=120):
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig := Figure(figsize=figsize))
     draw(fig)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -24,8 +22,7 @@ def _plot(path, figsize, draw, dpi=120):
 
 
 def plot_sensitivity(result, path):
-    """Fig. 6: test error against the fraction of one layer's weights pruned
-    (``result``: :func:`sparsenet.report.sensitivity`)."""
+    """Fig. 6: test error against the fraction of one layer's weights pruned (:func:`sparsenet.report.sensitivity`)."""
     def draw(fig):
         ax = fig.add_subplot()
         for name, errors in result["layers"].items():
@@ -38,47 +35,66 @@ def plot_sensitivity(result, path):
     return _plot(path, (6, 4), draw)
 
 
-TRADEOFF_STYLES = {"L2 w/o retrain": ("tab:blue", "--"), "L1 w/o retrain": ("tab:orange", "--"),
-                   "L1 w/ retrain": ("tab:orange", "-"), "L2 w/ retrain": ("tab:blue", "-"),
-                   "L2 iterative prune + retrain": ("tab:red", "-")}
+def tradeoff_limits(result):
+    """Fig. 5's y range: 0 and the retrained curves; and the lowest point if a curve w/o retraining leaves it."""
+    kept = [0.0] + [-100 * v for n, c in result["curves"].items() if "w/o" not in n for v in c["loss"]]
+    pad, low = max(0.1, 0.1 * (max(kept) - min(kept))), min(-100 * max(c["loss"]) for c in result["curves"].values())
+    return min(kept) - pad, max(kept) + pad, low if low < min(kept) - pad else None
 
 
 def plot_tradeoff(result, path):
-    """Fig. 5: accuracy change against weights pruned, one curve per entry of
-    ``result["curves"]`` (:func:`sparsenet.reproduce.tradeoff`)."""
+    """Fig. 5: accuracy change against weights pruned, per curve of :func:`sparsenet.reproduce.tradeoff`."""
+    lo, hi, low = tradeoff_limits(result)
+
     def draw(fig):
         ax = fig.add_subplot()
         for name, c in result["curves"].items():
-            color, ls = TRADEOFF_STYLES.get(name, (None, "-"))
-            ax.plot([100 * v for v in c["pruned"]], [-100 * v for v in c["loss"]], ls, color=color, marker="o",
-                    ms=3, label=name)
+            ax.plot([100 * v for v in c["pruned"]], [-100 * v for v in c["loss"]], "--" if "w/o" in name else "-",
+                    color="tab:red" if "iterative" in name else "tab:orange" if "L1" in name else "tab:blue",
+                    marker="o", ms=3, label=name)
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xlabel="weights pruned away (%)", ylabel="accuracy change (points)")
-        ax.set_ylim(bottom=max(ax.get_ylim()[0], -4.0))
-        ax.set_title(f"Trade-off (dense test error {100 * result['dense_error']:.2f}%)")
+        ax.set(xlabel="weights pruned away (%)", ylabel="accuracy change (points)", ylim=(lo, hi))
+        ax.set_title(f"Trade-off (dense test error {100 * result['dense_error']:.2f}%)" + (
+            f"\ncurves w/o retraining leave the frame (down to {low:.1f} points)" if low is not None else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _plot(path, (6.5, 4.2), draw)
 
 
+def plot_curves(log, path):
+    """Training loss and test error per epoch from a run's log records (a pruning run's rounds dashed off, the error
+    just after each prune an x); ``log`` may be a dict {title: records}, a panel each."""
+    logs = log if isinstance(log, dict) else {"training": log}
+
+    def draw(fig):
+        for k, (title, recs) in enumerate(logs.items(), 1):
+            ax = fig.add_subplot(1, len(logs), k)
+            ax2, ep = ax.twinx(), [r for r in recs if "loss" in r]
+            ax.plot(range(1, len(ep) + 1), [r["loss"] for r in ep], ".-", color="tab:blue")
+            ax2.plot(range(1, len(ep) + 1), [100 * r["test_error"] for r in ep], ".-", color="tab:red")
+            ax.set(xlabel="epoch (of the run)", ylabel="training loss (blue)", title=title)
+            ax2.set(ylabel="test error, % (red)")
+            for r in (r for r in recs if r.get("event") == "prune"):
+                ax.axvline(x := 0.5 + sum(e.get("round", 0) < r["round"] for e in ep), color="gray", ls="--", lw=0.8)
+                ax2.plot(x, 100 * r["test_error"], "x", color="tab:red")
+    return _plot(path, (5 * len(logs), 4), draw)
+
+
 def pattern_title(net, layer):
-    """What share of ``layer``'s weights survive, against the original (dense) layer and,
-    when dead-neuron removal shrank it, against the layer as it is now."""
+    """The share of ``layer``'s weights kept, of the original layer and (neurons removed) of the layer now."""
     W, o = net.layer(layer).params["W"], net.origin[layer]
     units = o["params"] - o["weights"]  # one bias per unit
     shape, origin = "x".join(map(str, W.data.shape)), f"{units}x{o['weights'] // units}"
     title = f"{layer}: {100 * W.nonzero() / o['weights']:.1f}% of the original {origin} weights kept"
-    if shape == origin:
-        return title + " (no neuron removed)"
-    return title + f" ({100 * W.nonzero() / W.size:.1f}% of the {shape} layer after dead-neuron removal)"
+    return title + (" (no neuron removed)" if shape == origin else
+                    f" ({100 * W.nonzero() / W.size:.1f}% of the {shape} layer after dead-neuron removal)")
 
 
 def plot_pattern(net, path):
-    """Fig. 4: the sparsity pattern of the first FC layer (kept connections in black)
-    and, when that layer reads the image, how many connections each input pixel keeps."""
+    """Fig. 4: the first FC layer's sparsity pattern (kept connections black) and, when that layer reads the image,
+    how many connections each input pixel keeps."""
     fc = next(l for l in net.layers if l.kind == "linear")
-    M = asnumpy(fc.params["W"].mask)
-    side = int(numpy.sqrt(M.shape[1]))
+    M, side = asnumpy(fc.params["W"].mask), int(numpy.sqrt(fc.params["W"].mask.shape[1]))
     image = fc is net.layers[0] and len(net.input_shape) == 1 and side * side == M.shape[1]
 
     def draw(fig):
@@ -89,8 +105,7 @@ def plot_pattern(net, path):
         ax.set(xlabel="input index", ylabel="unit")
         if image:
             ax2 = fig.add_subplot(1, 2, 2)
-            im = ax2.imshow(M.sum(axis=0).reshape(side, side), cmap="viridis")
+            fig.colorbar(ax2.imshow(M.sum(axis=0).reshape(side, side), cmap="viridis"), ax=ax2, fraction=0.046)
             ax2.set_title("connections kept per input pixel", fontsize=9)
             ax2.axis("off")
-            fig.colorbar(im, ax=ax2, fraction=0.046)
     return _plot(path, (10, 4) if image else (7, 4), draw, dpi=110)

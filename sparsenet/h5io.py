@@ -44,8 +44,7 @@ def set_text(obj, key, text):
 
 
 def text_attr(obj, key):
-    """A text attribute (fixed-length bytes, or str as older files have it); None if
-    absent or not text."""
+    """A text attribute (fixed-length bytes, or str as older files have it); None if absent or not text."""
     v = obj.attrs.get(key)
     if isinstance(v, bytes):
         v = v.decode("utf-8", "replace")
@@ -81,10 +80,9 @@ def read_array(g, key, path, shape=None, kinds="fiub", finite=True):
 
 @contextlib.contextmanager
 def open_file(path, what="checkpoint"):
-    """``with open_file(path) as f``: ``h5py.File(path, "r")``, with h5py's errors as
-    :class:`SparsenetError`: the ``what`` file is missing or not readable HDF5 (truncated,
-    or not HDF5 at all), or h5py fails inside the block (a damaged header, a checksum
-    that does not match: h5py raises KeyError, OSError or RuntimeError)."""
+    """``with open_file(path) as f``: ``h5py.File(path, "r")``, with h5py's errors as :class:`SparsenetError`:
+    the ``what`` file is missing or not readable HDF5 (truncated, or not HDF5 at all), or h5py fails inside
+    the block (a damaged header, a checksum that does not match: h5py raises KeyError, OSError or RuntimeError)."""
     if not Path(path).is_file():
         hint = f" (a run folder? try {Path(path) / 'checkpoint.h5'})" if Path(path).is_dir() else ""
         raise SparsenetError(f"{path}: no such {what} file{hint}")

@@ -97,8 +97,7 @@ class SparseNetwork:
             if l.name in self.mats:
                 X, shape = layer_operand(l, x)
                 W2, csr, _ = self.mats[l.name]
-                y = sparse_matmul_t(csr, X) if self._sparse(l.name, X.shape[0]) else X @ W2.T
-                y = y + l.params["b"].data
+                y = (sparse_matmul_t(csr, X) if self._sparse(l.name, X.shape[0]) else X @ W2.T) + l.params["b"].data
                 x = y if shape is None else y.reshape(shape)
             else:
                 x = l.forward(x)

@@ -1,17 +1,16 @@
 """Layers with hand-derived backpropagation: the equations, in plain NumPy/CuPy.
 
-Each operation is a pair of pure functions, ``y, cache = op_forward(x, ...)`` and
-``gx, ... = op_backward(gy, cache)``, with its shapes and equations in the docstring;
-``gy`` is dL/dy, ``gx`` dL/dx, ``gW`` dL/dW, ``gb`` dL/db. A thin class per layer owns
-the parameters (:class:`Param`) and keeps the cache. For linear, conv and max-pool the
-classes run the tuned kernels of :mod:`sparsenet.fast_layers` (same signatures, same
-values up to float rounding; the tests check that they agree).
+Each operation is a pair of pure functions, ``y, cache = op_forward(x, ...)`` and ``gx, ... =
+op_backward(gy, cache)``, shapes and equations in the docstring; ``gy`` is dL/dy, ``gx`` dL/dx,
+``gW`` dL/dW, ``gb`` dL/db. A thin class per layer owns the parameters (:class:`Param`) and the
+cache. For linear, conv and max-pool the classes run the tuned kernels of :mod:`sparsenet.fast_layers`
+(same signatures, same values up to float rounding; the tests check that they agree).
 
-* Images are NHWC ``(N, H, W, C)``: a convolution is one GEMM whose output is already
-  NHWC. Conv weights are ``(F, kh, kw, C)``; linear weights ``(out, in)``.
-* Every parameter has a mask ``M`` (1 keeps, 0 pruned) and the network computes with
-  ``W ⊙ M``. Pruning and the optimiser keep ``W == W ⊙ M`` (:mod:`sparsenet.param`),
-  so the forward pass reads ``W`` directly; the backward pass masks ``gW ← gW ⊙ M``.
+* Images are NHWC ``(N, H, W, C)``: a convolution is one GEMM whose output is already NHWC.
+  Conv weights are ``(F, kh, kw, C)``; linear weights ``(out, in)``.
+* Every parameter has a mask ``M`` (1 keeps, 0 pruned); the network computes with ``W ⊙ M``.
+  Pruning and the optimiser keep ``W == W ⊙ M`` (:mod:`sparsenet.param`), so the forward pass
+  reads ``W`` directly; the backward pass masks ``gW ← gW ⊙ M``.
 * Training runs in float32 end to end. The array module comes from the arrays
   (:func:`sparsenet.backend.get_array_module`); nothing here imports CuPy.
 """
@@ -211,10 +210,7 @@ class Layer:
     params = {}
 
     def __init__(self, name):
-        self.name = name
-        self.need_gx = True
-        self.frozen = False
-        self.cache = None
+        self.name, self.need_gx, self.frozen, self.cache = name, True, False, None
 
     def spec(self):
         """JSON-able description from which :func:`sparsenet.model.layer_from_spec` rebuilds it."""

@@ -24,8 +24,7 @@ def _whole(spec, key, low=1):
 def check_spec(spec):
     """Validate a network description before anything is allocated: every layer's kind,
     unique name and settings, and the shapes from the input to the class scores (a
-    vector). Returns ``{"layer.param": shape}`` in order; raises :class:`SparsenetError`.
-    """
+    vector). Returns ``{"layer.param": shape}`` in order; raises :class:`SparsenetError`."""
     if not isinstance(spec, dict):
         raise SparsenetError("malformed network description: not an object")
     layers, shape = spec.get("layers"), spec.get("input_shape")
@@ -96,9 +95,7 @@ class Network:
     ``loss_and_backward`` also fills every ``Param.grad``."""
 
     def __init__(self, layers, input_shape, name="", seed=0, origin=None):
-        self.layers = list(layers)
-        self.input_shape = tuple(input_shape)
-        self.name = name
+        self.layers, self.input_shape, self.name = list(layers), tuple(input_shape), name
         self.freeze(())
         # Per-layer size of the dense network this one was pruned from: reports' "% left"
         # is against it, also after dead-neuron removal has shrunk the layers.
@@ -109,7 +106,6 @@ class Network:
             if isinstance(layer, L.Dropout):
                 layer.rng = self.dropout_rng
 
-    # -- description -------------------------------------------------------------
     @property
     def xp(self):
         for p in self.params().values():
@@ -151,8 +147,7 @@ class Network:
             out = l.output_shape(shape)
             W = l.params.get("W")
             rows.append({
-                "name": l.name, "kind": l.kind,
-                "input_shape": list(shape), "output_shape": list(out),
+                "name": l.name, "kind": l.kind, "input_shape": list(shape), "output_shape": list(out),
                 "weight_shape": list(W.data.shape) if W is not None else None,
                 "weights": W.size if W is not None else 0,
                 "params": sum(p.size for p in l.params.values()),
@@ -170,8 +165,7 @@ class Network:
         if unknown:
             raise SparsenetError(f"cannot freeze {', '.join(sorted(unknown))}: no layer with parameters of that name")
         for l in self.layers:
-            l.frozen = l.name in names
-            l.need_gx = True
+            l.frozen, l.need_gx = l.name in names, True
         self._stop = len(self.layers)  # backward runs over layers[_stop:]
         for i, l in enumerate(self.layers):
             if l.params and not l.frozen:
@@ -179,7 +173,6 @@ class Network:
                 self._stop = i
                 break
 
-    # -- computation ---------------------------------------------------------------
     def forward(self, x, train=False):
         for l in self.layers:
             x = l.forward(x, train)
@@ -217,7 +210,6 @@ class Network:
         return float((self.predict(x, batch_size) != t).mean())
 
 
-# ----------------------------------------------------------------------------- models
 def lenet_300_100():
     """LeNet-300-100: 784 → 300 → 100 → 10 with ReLU (266,610 parameters)."""
     return (784,), [

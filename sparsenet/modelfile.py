@@ -79,7 +79,6 @@ def _prefixed(prefix, errors=(SparsenetError,)):
         raise SparsenetError(f"{prefix}{e}") from None
 
 
-# ----------------------------------------------------------------------------- storage
 def _param_cost(p, kind):
     """Bytes and index bits of one parameter in each encoding (a prunable one stored sparse)."""
     W = asnumpy(p.data)
@@ -126,7 +125,6 @@ def export_sizes(net):
         return {enc: os.path.getsize(Path(d) / f"{enc}.h5") for enc in ENCODINGS}
 
 
-# ----------------------------------------------------------------------------- writing
 def export_model(net, path, encoding="relative"):
     """Write ``net``'s parameters and connections to ``path`` (HDF5, atomically) in one of :data:`ENCODINGS`.
 
@@ -181,7 +179,6 @@ def _write_streams(f, streams):
     h5io.set_text(d, "shapes", json.dumps([list(s) for _, s, _, _ in streams], separators=(",", ":")))
 
 
-# ----------------------------------------------------------------------------- reading
 def load_model(path, xp=numpy):
     """Read a model file written by :func:`export_model` (either version) or a training checkpoint.
 

@@ -68,8 +68,7 @@ class SGD:
         self.settings = check_settings({"lr": lr, "lr_policy": lr_policy, "gamma": gamma, "power": power,
                                         "step_size": step_size, "momentum": momentum,
                                         "weight_decay": weight_decay, "l1": l1})
-        self.params = params
-        self.iteration = 0
+        self.params, self.iteration = params, 0
 
     @classmethod
     def from_settings(cls, params, settings):

@@ -22,17 +22,12 @@ class Param:
     __slots__ = ("data", "grad", "_mask", "state", "prunable", "lr_mult", "decay_mult")
 
     def __init__(self, data, prunable=True, lr_mult=1.0, decay_mult=1.0):
-        self.prunable, self.lr_mult, self.decay_mult = prunable, lr_mult, decay_mult
-        self.grad = None
+        self.prunable, self.lr_mult, self.decay_mult, self.grad = prunable, lr_mult, decay_mult, None
         self._assign(data, get_array_module(data).ones_like(data), {})
 
-    # -- the one writer ----------------------------------------------------------------
     def _assign(self, data, mask, state, check=False):
-        """Install value, mask and state together (the only code that sets a mask).
-
-        With ``check`` the rule is verified first and a violation raises
-        :class:`SparsenetError` without changing anything.
-        """
+        """Install value, mask and state together (the only code that sets a mask). With ``check``
+        the rule is verified first and a violation raises :class:`SparsenetError`, changing nothing."""
         if check:
             _check(data, mask, state)
         self.data, self._mask, self.state = data, mask, dict(state)
@@ -41,7 +36,6 @@ class Param:
     def mask(self):
         return self._mask
 
-    # -- operations --------------------------------------------------------------------
     def prune(self, keep):
         """Narrow the mask to ``M ⊙ keep`` (``keep``: 0/1 or bool, this shape); zero the
         value and every state array at the newly pruned positions. Returns the number of
@@ -59,8 +53,7 @@ class Param:
         return before, self.nonzero()
 
     def take(self, index, axis):
-        """Keep only entries ``index`` along ``axis`` of the value, mask, state and gradient
-        (neuron removal, §3.5). The result is row-major."""
+        """Keep entries ``index`` along ``axis`` of value, mask, state and gradient (§3.5); row-major."""
         xp = get_array_module(self.data)
 
         def cut(a):
@@ -80,8 +73,7 @@ class Param:
         self.grad = None
 
     def cast(self, dtype):
-        """Convert value, mask, state and gradient to ``dtype`` (e.g. float64 for gradient
-        checks)."""
+        """Convert value, mask, state and gradient to ``dtype`` (e.g. float64 for gradient checks)."""
         def conv(a):
             return None if a is None else a.astype(dtype)
 
@@ -100,7 +92,6 @@ class Param:
         value or state entry is non-zero or not finite where pruned)."""
         _check(self.data, self._mask, self.state)
 
-    # -- counts ------------------------------------------------------------------------
     @property
     def size(self):
         return int(self.data.size)

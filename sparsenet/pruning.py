@@ -228,8 +228,7 @@ def remove_dead_neurons(net):
     the outputs unchanged, and repeats until nothing changes. The output units and the
     inputs stay; every layer keeps at least one unit. Returns ``{layer: units removed}``.
     """
-    removed = {}
-    changed = True
+    removed, changed = {}, True
     while changed:
         changed = False
         for A, B, between in _pairs(net):

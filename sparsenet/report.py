@@ -32,7 +32,6 @@ from .util import SparsenetError, write_text_atomic
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0, 0.05, ..., 0.95
 
 
-# ----------------------------------------------------------------------------- counting
 def macs_left(layer, S):
     """Multiplications of ``layer`` with a surviving weight and a non-zero input, summed over
     the samples; ``S`` (the layer's input shape): ``S[e]`` = samples whose entry ``e`` is non-zero."""
@@ -107,7 +106,6 @@ def layer_report(net, x, batch_size=1000, *, t=None):
             "error": wrong / n if t is not None else None}
 
 
-# ----------------------------------------------------------------------------- sensitivity
 def _batched(layers, x, batch_size, fn):
     """``concatenate([fn(layers(x[s:s+b]), s) for each batch start s])`` at inference."""
     out = []
@@ -157,7 +155,6 @@ def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=1000):
     return result
 
 
-# ----------------------------------------------------------------------------- formatting
 def pct(v, digits=1):
     """A fraction as a percentage string (\"-\" for None)."""
     return "-" if v is None else f"{100 * v:.{digits}f}%"
@@ -234,7 +231,6 @@ def format_sensitivity(result, markdown=False):
     return text_table(header, rows) + "\n" + base
 
 
-# ----------------------------------------------------------------------------- checkpoints
 def _on_checkpoint(checkpoint, out, data_dir, device, stem, compute, markdown):
     """``compute(net, x, t, out)`` on a checkpoint's test split, headed by the checkpoint and dataset,
     written as ``<stem>.json`` and ``<stem>.md`` (``markdown(record)``) into ``out`` (default: its folder)."""

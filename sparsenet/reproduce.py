@@ -1,11 +1,7 @@
-"""The paper's LeNet experiments end to end: ``sparsenet reproduce lenet-300-100``.
-
-An experiment is a JSON file in ``reproduce/`` (or any path): ``experiment`` (the results folder's
-name), ``train`` (TrainConfig fields), ``prune`` (a prune_run schedule, §3.4), optional ``sensitivity``
-(Fig. 6), ``tradeoff`` (Fig. 5) and ``bounds``. Results go to ``reproduce/results/<experiment>/``
-(``metrics.json`` with repository-relative paths, ``report.md``, figures), the runs to its ``work/``;
-a killed run resumes.
-"""
+"""The paper's LeNet experiments end to end (``sparsenet reproduce lenet-300-100``), from a JSON file in ``reproduce/``
+(or any path): ``experiment`` (its name), ``train`` (TrainConfig fields), ``prune`` (a prune_run schedule, §3.4),
+optional ``sensitivity`` (Fig. 6), ``tradeoff`` (Fig. 5), ``bounds``. Results (metrics.json with repository-relative
+paths, report.md, figures) go to ``--out``, the runs to its ``work/``; a killed run resumes."""
 import dataclasses
 import json
 import os
@@ -13,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy
@@ -22,10 +19,11 @@ from .backend import array_module, blas_info, cpu_model, resolve_device
 from .checkpoint import load_checkpoint
 from .data import load_split
 from .engine import Schedule, TrainConfig, prune_run, train
-from .figures import plot_pattern, plot_sensitivity, plot_tradeoff
+from .figures import plot_curves, plot_pattern, plot_sensitivity, plot_tradeoff
 from .paper import LAYERS, TABLE1
 from .report import format_markdown, layer_report, md_table, pct, sensitivity, sensitivity_table
-from .util import SparsenetError, write_text_atomic
+from .pruning import prunable_layers
+from .util import SparsenetError, eta, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPRO_DIR = REPO_ROOT / "reproduce"
@@ -68,65 +66,76 @@ def _git_commit():
         return None
 
 
-def _say(progress, msg):
-    if progress:
-        print(f"[reproduce] {msg}", file=sys.stderr, flush=True)
+def _stage(progress, title, items, seconds=None, key=None):
+    """Run ``items`` (label, weight, fn[, run folder, TrainConfig/Schedule]), saying "title: k of n, label, ~t left"
+    (time per weight so far) before each, or that a finished run is reused; the time adds to ``seconds[key]``."""
+    spent, worked, start, todo, out = 0.0, 0.0, time.perf_counter(), sum(it[1] for it in items), []
+    for k, (label, w, fn, *run) in enumerate(items, 1):
+        log = _read(run[0] / "log.jsonl", True) if run else []
+        done, total, unit = (0, 1, "") if not run else (len(log), run[1].epochs, "epochs") if isinstance(
+            run[1], TrainConfig) else (sum(r["event"] == "round" for r in log), len(run[1].rounds), "rounds")
+        say = f"reused {run[0]} (done earlier)" if done >= total else label + (
+            f", resuming ({done} of {total} {unit} done earlier)" if done else "") + (
+            f", {eta(spent / worked * todo)} left" if worked else "")
+        if progress:
+            print(f"[reproduce] {title}: " + f"{k} of {len(items)}, " * (len(items) > 1) + say, file=sys.stderr)
+        t0 = time.perf_counter()
+        out.append(fn())
+        todo -= w
+        if done < total:
+            spent, worked = spent + time.perf_counter() - t0, worked + w * (total - done) / total
+    if key:
+        seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - start, 1)
+    return out
 
 
-def _prune(source, run_dir, schedule, data_dir, device, progress=False):
-    """prune_run, resumed when ``run_dir`` already holds (part of) the same run."""
-    _same_run(Path(run_dir) / "schedule.json", schedule.to_dict())
-    resume = (Path(run_dir) / "checkpoint.h5").exists()
-    return prune_run(source, run_dir, None if resume else schedule, resume=resume, data_dir=data_dir,
-                     device=device, progress=progress)
+def _resumed(go, run_dir, first, **kw):
+    """``go(run_dir, first)`` (a TrainConfig or Schedule: a new run), or resuming the run there, which must be the
+    one ``first`` asks for (its config.json or schedule.json)."""
+    stored, want = (run_dir / "schedule.json", first.to_dict()) if isinstance(first, Schedule) else (
+        run_dir / "config.json", dataclasses.asdict(first))
+    if _read(stored) not in (None, json.loads(json.dumps(want))):
+        raise SparsenetError(f"{run_dir} was started with other settings than the config now gives; "
+                             f"delete {run_dir} (or use --out) to run the experiment again")
+    resume = (run_dir / "checkpoint.h5").exists()
+    return go(run_dir, None if resume else first, resume=resume, **kw)
 
 
-def _same_run(stored, wanted):
-    """A resumed step must be the run the config asks for, not one made with other settings."""
-    have = _read_json(stored)
-    if have is not None and have != json.loads(json.dumps(wanted)):
-        raise SparsenetError(f"{stored.parent} was started with other settings than the config now gives; "
-                             f"delete {stored.parent} (or use --out) to run the experiment again")
-
-
-def _read_json(path):
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+def _read(path, lines=False):
+    """A JSON file (None when missing) or, with ``lines``, a JSON-lines file's records ([] when missing)."""
+    text = Path(path).read_text() if Path(path).is_file() else None
+    return [json.loads(x) for x in (text or "").splitlines()] if lines else text and json.loads(text)
 
 
 # ----------------------------------------------------------------------------- Fig. 5
-def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True):
-    """The paper's Fig. 5 on this network: accuracy loss against weights pruned, L2 / L1 without and with
-    retraining and L2 iterative. ``cfg``: ``ratios``, ``epochs``, ``retrain`` (optimiser settings), ``l1``
-    and ``l1_epochs`` (L1 fine-tuning of the dense net first). Runs live in ``work/``; done ones are reused."""
+def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True, seconds=None):
+    """Fig. 5 on this network: accuracy loss against weights pruned, L2 / L1 without and with retraining and L2
+    iterative. ``cfg``: ``ratios``, ``epochs``, ``retrain`` (optimiser settings), ``l1`` and ``l1_epochs`` (L1
+    fine-tuning of the dense net first). Runs live in ``work/``; done ones are reused; the time adds to ``seconds``."""
     ratios, epochs, l1_epochs = list(cfg["ratios"]), int(cfg.get("epochs", 2)), int(cfg.get("l1_epochs", 2))
-    retrain = dict(cfg.get("retrain", {}), remove_neurons=False)
-    l1 = float(cfg.get("l1", 1e-4))
+    retrain, l1 = dict(cfg.get("retrain", {}), remove_neurons=False), float(cfg.get("l1", 1e-4))
     reg = {"L2": retrain, "L1": {**retrain, "l1": l1, "weight_decay": 0.0}}
-
-    def run(source, name, amounts, rounds_epochs=epochs):
-        return _prune(source, work / name, Schedule.from_dict({"retrain": reg[name[:2].upper()], "rounds": [
-            {"criterion": "percentile", "amount": a, "epochs": rounds_epochs} for a in amounts]}), data_dir, device)
-
-    _say(progress, f"Fig. 5: fine-tuning with L1 ({l1}) for {l1_epochs} epochs")
-    run(dense_ckpt, "l1-base", [0.0], l1_epochs)
+    kw = dict(data_dir=data_dir, device=device, progress=progress)
     base = {"L2": dense_ckpt, "L1": work / "l1-base" / "checkpoint.h5"}
-    dense_error = json.loads((work.parent / "dense" / "log.jsonl").read_text().splitlines()[-1])["test_error"]
-    curves = {}
-    for name in ("L2", "L1"):
-        before, after, pruned = [], [], []
-        for r in ratios:
-            _say(progress, f"Fig. 5: {name}, {100 * r:.0f}% pruned")
-            log = run(base[name], f"{name.lower()}-{r:.2f}", [r])
-            p = next(x for x in log if x["event"] == "prune")
-            before.append(p["test_error"] - dense_error)
-            after.append(log[-1]["test_error"] - dense_error)
-            pruned.append(1 - log[-1]["weights_left"])
-        curves[f"{name} w/o retrain"] = {"pruned": pruned, "loss": before}
-        curves[f"{name} w/ retrain"] = {"pruned": pruned, "loss": after}
-    _say(progress, "Fig. 5: L2, iterative")
-    rounds = [x for x in run(dense_ckpt, "l2-iterative", ratios) if x["event"] == "round"]
-    curves["L2 iterative prune + retrain"] = {"pruned": [1 - x["weights_left"] for x in rounds],
-                                              "loss": [x["test_error"] - dense_error for x in rounds]}
+
+    def run(name, source, amounts, what, n=epochs):
+        sched = Schedule.from_dict({"retrain": reg[name[:2].upper()], "rounds": [
+            {"criterion": "percentile", "amount": a, "epochs": n} for a in amounts]})
+        return (f"{what} in {work / name}", len(amounts) * n + 1,
+                lambda: _resumed(partial(prune_run, source), work / name, sched, **kw), work / name, sched)
+
+    points = [(name, r) for name in ("L2", "L1") for r in ratios]
+    logs = _stage(progress, "Fig. 5", [run("l1-base", dense_ckpt, [0.0], f"L1 ({l1}) fine-tuning", l1_epochs), *(
+        run(f"{n.lower()}-{r:.2f}", base[n], [r], f"{n}, {100 * r:.0f}% pruned") for n, r in points),
+        run("l2-iterative", dense_ckpt, ratios, "L2, iterative")], seconds, "tradeoff")
+    at = {}  # curve: [(record giving weights left, test error)]
+    for (name, r), log in zip(points, logs[1:]):
+        at.setdefault(f"{name} w/o retrain", []).append((log[-1], next(x for x in log if x["event"] == "prune")))
+        at.setdefault(f"{name} w/ retrain", []).append((log[-1], log[-1]))
+    at["L2 iterative prune + retrain"] = [(x, x) for x in logs[-1] if x["event"] == "round"]
+    dense_error = _read(work.parent / "dense" / "log.jsonl", True)[-1]["test_error"]
+    curves = {k: {"pruned": [1 - a["weights_left"] for a, _ in v], "loss": [b["test_error"] - dense_error
+                                                                           for _, b in v]} for k, v in at.items()}
     return {"dense_error": dense_error, "ratios": ratios, "epochs": epochs, "l1": l1, "curves": curves}
 
 
@@ -136,66 +145,49 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
     cfg, cfg_path = load_config(name)
     out = Path(out) if out is not None else Path("runs") / cfg["experiment"]  # never the committed results
     work = out / "work"
-    t_start = time.time()
-    commit = _git_commit()  # the code that runs this call (a resumed run may span several)
-    # a resumed run adds to its earlier calls' time and commits; a fresh one (no work/) starts from nothing
-    timing = (_read_json(out / "metrics.json") if work.is_dir() else None) or {}
+    t_start, commit = time.time(), _git_commit()  # the code that runs this call (a resumed run may span several)
+    timing = (_read(out / "metrics.json") if work.is_dir() else None) or {}  # a resumed run adds to its time, commits
     seconds = dict(timing.get("seconds", {}))
-
-    def step(key, fn):
-        t0 = time.perf_counter()
-        r = fn()
-        seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - t0, 1)
-        return r
-
-    dense_dir, pruned_dir = work / "dense", work / "pruned"
-    tcfg = TrainConfig.from_dict(cfg["train"])
-    _same_run(dense_dir / "config.json", dataclasses.asdict(tcfg))
-    _say(progress, f"{cfg['experiment']}: dense training ({tcfg.epochs} epochs) in {dense_dir}")
-    resume = (dense_dir / "checkpoint.h5").exists()
-    step("dense", lambda: train(dense_dir, None if resume else tcfg, resume=resume, data_dir=data_dir,
-                                device=device, progress=progress))
-    dense_ck = dense_dir / "checkpoint.h5"
-    _say(progress, f"{cfg['experiment']}: iterative pruning ({len(cfg['prune']['rounds'])} rounds) in {pruned_dir}")
-    log = step("prune", lambda: _prune(dense_ck, pruned_dir, Schedule.from_dict(cfg["prune"]), data_dir, device,
-                                       progress))
-    out.mkdir(parents=True, exist_ok=True)
+    tcfg, sched, kw = TrainConfig.from_dict(cfg["train"]), Schedule.from_dict(cfg["prune"]), dict(
+        data_dir=data_dir, device=device, progress=progress)
+    dense_dir, pruned_dir, dense_ck = work / "dense", work / "pruned", work / "dense" / "checkpoint.h5"
+    dense_log, = _stage(progress, "dense training", [(f"{tcfg.epochs} epochs in {dense_dir}", 1, lambda: _resumed(
+        train, dense_dir, tcfg, **kw), dense_dir, tcfg)], seconds, "dense")
+    log, = _stage(progress, "iterative pruning", [(f"{len(sched.rounds)} rounds in {pruned_dir}", 1, lambda: _resumed(
+        partial(prune_run, dense_ck), pruned_dir, sched, **kw), pruned_dir, sched)], seconds, "prune")
     xp = array_module(device)
     dense, pruned = (load_checkpoint(d / "checkpoint.h5", xp).net for d in (dense_dir, pruned_dir))
     x, t = load_split(tcfg.dataset, dense.input_shape, xp, data_dir, split="test")["test"]
-    dense_rep = step("report", lambda: layer_report(dense, x, t=t))
-    rep = step("report", lambda: layer_report(pruned, x, t=t))
+    dense_rep, rep = _stage(progress, "report", [(f"per-layer table of the {k} network", 1, lambda n=n: layer_report(
+        n, x, t=t)) for k, n in (("dense", dense), ("pruned", pruned))], seconds, "report")
     sens = trade = None
     if cfg.get("sensitivity"):
-        _say(progress, "Fig. 6: sensitivity of each layer (dense network, no retraining)")
         ratios = cfg["sensitivity"].get("ratios", [round(0.1 * i, 1) for i in range(10)])
-        sens = step("sensitivity", lambda: sensitivity(dense, x, t, ratios))
+        parts = _stage(progress, "Fig. 6: sensitivity (dense network, no retraining)", [(f"layer {n}", 1, lambda n=n: (
+            sensitivity(dense, x, t, ratios, [n]))) for n in prunable_layers(dense)], seconds, "sensitivity")
+        sens = {**parts[0], "layers": {k: v for p in parts for k, v in p["layers"].items()}}
     if cfg.get("tradeoff"):
-        trade = step("tradeoff", lambda: tradeoff(dense_ck, work / "tradeoff", cfg["tradeoff"], data_dir, device,
-                                                  progress))
-    figures = {k: f for k, plot, arg, f in (("fig4", plot_pattern, pruned, "fig4_pattern.png"),
-                                            ("fig6", plot_sensitivity, sens, "fig6_sensitivity.png"),
-                                            ("fig5", plot_tradeoff, trade, "fig5_tradeoff.png"))
-               if arg is not None and plot(arg, out / f)}
+        trade = tradeoff(dense_ck, work / "tradeoff", cfg["tradeoff"], **kw, seconds=seconds)
+    figures = {k: f for k, plot, arg, f in (
+        ("fig4", plot_pattern, pruned, "fig4_pattern.png"), ("fig6", plot_sensitivity, sens, "fig6_sensitivity.png"),
+        ("fig5", plot_tradeoff, trade, "fig5_tradeoff.png"),
+        ("curves", plot_curves, {"dense training": dense_log, "iterative pruning": log}, "curves.png"))
+        if arg is not None and plot(arg, out / f)}
     model, cpus = tcfg.model, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     metrics = {
         "experiment": cfg["experiment"], "config": repo_path(cfg_path), "results": repo_path(out), "model": model,
-        "dataset": tcfg.dataset,
-        "dense": {"test_error": dense_rep["error"], "params": dense_rep["params"]},
-        "pruned": {"test_error": rep["error"], "params": rep["params"], "nonzero_params": rep["nonzero_params"],
-                   "compression": rep["compression"],
+        "dataset": tcfg.dataset, "dense": {"test_error": dense_rep["error"], "params": dense_rep["params"]},
+        "pruned": {"test_error": rep["error"], **{k: rep[k] for k in ("params", "nonzero_params", "compression")},
                    "weights_left": {r["name"]: r["weights_left"] for r in rep["layers"]},
                    "shapes": next(x for x in reversed(log) if x["event"] == "round")["shapes"]},
-        "report": {k: rep[k] for k in ("layers", "total")},
-        "dense_report": {k: dense_rep[k] for k in ("layers", "total")},
+        **{key: {k: r[k] for k in ("layers", "total")} for key, r in (("report", rep), ("dense_report", dense_rep))},
         "rounds": [{k: x[k] for k in ("round", "test_error", "compression", "density")}
                    for x in log if x["event"] == "round"],
         "sensitivity": sens and {k: sens[k] for k in ("ratios", "layers", "baseline")},
         "tradeoff": trade, "figures": figures, "paper": TABLE1.get(model),
         "checks": _checks(cfg.get("bounds", {}), rep), "committed": _committed(cfg["experiment"], out),
         "provenance": {"seed": tcfg.seed, "prune_seed": cfg["prune"].get("seed", 0), "sparsenet": __version__,
-                       "commit": commit,
-                       "commits": sorted(set(timing.get("provenance", {}).get("commits", [])) | {commit}),
+                       "commit": commit, "commits": sorted({*timing.get("provenance", {}).get("commits", []), commit}),
                        "python": platform.python_version(), "numpy": numpy.__version__,
                        "device": resolve_device(device), "machine": f"{platform.machine()}, {cpus} CPUs",
                        "cpu": cpu_model(), "blas": blas_info(),
@@ -204,18 +196,17 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(out / "report.md", format_report(metrics, rep))
-    _say(progress, f"wrote {out / 'report.md'} ({time.time() - t_start:.0f} s this call)")
+    if progress:
+        print(f"[reproduce] wrote {out / 'report.md'} ({time.time() - t_start:.0f} s this call)", file=sys.stderr)
     return {**metrics, "results_dir": str(out)}  # usable from the current directory; not in metrics.json
 
 
 def _committed(experiment, out):
     """The committed result of the experiment (``reproduce/results/``) when this run writes elsewhere."""
-    m = _read_json(REPRO_DIR / "results" / experiment / "metrics.json")
-    if m is None or (REPRO_DIR / "results" / experiment).resolve() == out.resolve():
-        return None
-    return {"results": repo_path(REPRO_DIR / "results" / experiment), "dense_error": m["dense"]["test_error"],
-            **{k: m["pruned"][k] for k in ("test_error", "nonzero_params", "compression")},
-            "blas": m["provenance"].get("blas")}
+    m, res = _read(REPRO_DIR / "results" / experiment / "metrics.json"), REPRO_DIR / "results" / experiment
+    return None if m is None or res.resolve() == out.resolve() else {
+        "results": repo_path(res), "dense_error": m["dense"]["test_error"], "test_error": m["pruned"]["test_error"],
+        **{k: m["pruned"][k] for k in ("nonzero_params", "compression")}, "blas": m["provenance"].get("blas")}
 
 
 def repo_path(path):
@@ -239,18 +230,17 @@ def format_check(key, c):
 
 CAPTIONS = {"fig4": "Fig. 4 — sparsity pattern of the first FC layer",
             "fig5": "Fig. 5 — accuracy against weights pruned: L1/L2, with/without retraining, iterative",
-            "fig6": "Fig. 6 — sensitivity: one layer pruned at a time, no retraining (dense network)"}
+            "fig6": "Fig. 6 — sensitivity: one layer pruned at a time, no retraining (dense network)",
+            "curves": "Training curves — loss and test error per epoch, dense training and pruning rounds"}
 
 
 def format_report(m, rep):
     """report.md: Table 1 row, per-layer table beside the paper's, figures, provenance."""
-    p, pr, d2 = m["paper"] or {}, m["pruned"], lambda v: pct(v, 2)
+    p, pr, d2, layers = m["paper"] or {}, m["pruned"], lambda v: pct(v, 2), LAYERS.get(m["model"])
     table1 = [["**sparsenet**", d2(m["dense"]["test_error"]), d2(pr["test_error"]), f"{pr['params']:,}",
-               f"{pr['nonzero_params']:,}", f"{pr['compression']:.1f}×"]]
-    if p:
-        table1.append(["paper", d2(p["error_before"]), d2(p["error_after"]), f"{p['params_before'] // 1000}K",
-                       f"{p['params_after'] // 1000}K", f"{p['compression']}×"])
-    layers = LAYERS.get(m["model"])
+               f"{pr['nonzero_params']:,}", f"{pr['compression']:.1f}×"]] + [[
+        "paper", d2(p["error_before"]), d2(p["error_after"]), f"{p['params_before'] // 1000}K",
+        f"{p['params_after'] // 1000}K", f"{p['compression']}×"]] * bool(p)
     lines = [f"# Reproduction: {m['experiment']} ({m['model']} on {m['dataset']})", "",
              "## Table 1: error and parameters", "",
              md_table(["", "error before", "error after", "params before", "params after", "compression"], table1),
@@ -270,17 +260,13 @@ def format_report(m, rep):
               "## Rounds of pruning (§3.4)", "",
               md_table(["round", "test error", "compression", "weights left per layer"],
                        [[r["round"], d2(r["test_error"]), f"{r['compression']:.1f}×",
-                         ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["density"].items())] for r in m["rounds"]]),
-              ""]
-    s, t = m["sensitivity"], m["tradeoff"]
-    if m["figures"] or s or t:
-        lines += ["## Figures", ""]
-    if s or t:
-        lines += [f"The paper's Figs. 5 and 6 are measured on AlexNet (ImageNet); ours are on {m['model']} "
-                  f"({m['dataset']}), so compare the shapes of the curves, not their values.", ""]
-    for k in ("fig4", "fig5", "fig6"):
-        if k in m["figures"]:
-            lines += [f"**{CAPTIONS[k]}**", "", f"![{k}]({m['figures'][k]})", ""]
+                         ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["density"].items())] for r in m["rounds"]]), ""]
+    s, t, pv = m["sensitivity"], m["tradeoff"], m["provenance"]
+    lines += ["## Figures", ""] * bool(m["figures"] or s or t) + [
+        f"The paper's Figs. 5 and 6 are measured on AlexNet (ImageNet); ours are on {m['model']} ({m['dataset']}), "
+        "so compare the shapes of the curves, not their values.", ""] * bool(s or t)
+    lines += [x for k in CAPTIONS if k in m["figures"]
+              for x in (f"**{CAPTIONS[k]}**", "", f"![{k}]({m['figures'][k]})", "")]
     if s:
         lines += ["Sensitivity (test error, one layer pruned):", "", md_table(*sensitivity_table(s)), ""]
     if t:
@@ -288,7 +274,6 @@ def format_report(m, rep):
                   md_table(["curve", *("pruned / Δacc" for _ in t["ratios"])],
                            [[name, *(f"{100 * x:.1f}% / {-100 * y:+.2f}" for x, y in zip(c["pruned"], c["loss"]))]
                             for name, c in t["curves"].items()]), ""]
-    pv = m["provenance"]
     lines += ["## Provenance", "",
               f"Config `{m['config']}`; dense seed {pv['seed']}, pruning seed {pv['prune_seed']}; "
               f"sparsenet {pv['sparsenet']} at commit `{pv['commit']}`; Python {pv['python']}, NumPy {pv['numpy']}; "

@@ -1,5 +1,6 @@
-"""Small shared helpers: the package's error type, atomic file writes, environment flags."""
+"""Small shared helpers: the package's error type, atomic file writes, environment flags, progress."""
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -24,18 +25,13 @@ def whole(v, what, low=0):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
-
-    The temporary file lives in the same directory, so the final ``os.replace`` is an
-    atomic rename: a reader (or a crash) sees either the old file or the new one, never
-    a half-written one. On any exception the temporary file is removed.
-    """
+    """Yield a temporary path beside ``path`` (same folder, so the final rename is atomic); on success
+    rename it onto ``path``, on any exception remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    os.umask(umask := os.umask(0))
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); give it a normal file's mode
     try:
         yield Path(tmp)
@@ -55,11 +51,13 @@ def write_text_atomic(path, text):
 
 
 def progress_bar(total, desc, unit="batch", enabled=True, **kw):
-    """A tqdm progress bar on stderr, or None (disabled, or tqdm missing)."""
-    if not enabled:
+    """A tqdm bar on stderr, or None: disabled, tqdm missing, or stderr not a terminal (logs get lines)."""
+    if not enabled or not sys.stderr.isatty() or importlib.util.find_spec("tqdm") is None:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
+    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, **kw)
+
+
+def eta(s):
+    """A time still to wait, in seconds, as a person says it: "~40 s", "~3 min", "~1.5 h"."""
+    return f"~{max(s, 1):.0f} s" if s < 90 else f"~{s / 60:.0f} min" if s < 5400 else f"~{s / 3600:.1f} h"

@@ -34,6 +34,15 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"MNIST not found at {where} (set SPARSENET_DATA)")
     for item in need:
         item.add_marker(skip)
+    config.mnist_skipped = (len(need), where)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say plainly how many skips are the MNIST tests (the others are the CuPy cases)."""
+    if getattr(config, "mnist_skipped", None):
+        n, where = config.mnist_skipped
+        terminalreporter.write_line(f"note: {n} tests that need MNIST were skipped: no MNIST at {where.absolute()}; "
+                                    "run `sparsenet reproduce lenet-300-100` once, or set SPARSENET_DATA")
 
 
 def _cupy_or_skip():

@@ -139,3 +139,11 @@ def test_threads_option_and_default(tmp_path):
     set_threads(1)
     _one_line_error(run("eval", "x.h5", "--threads", "0"), "threads must be")
     _one_line_error(run("eval", "x.h5", env={"SPARSENET_THREADS": "many"}), "threads must be")
+
+
+@pytest.mark.mnist
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
+    """Piped into a log, training prints one line per epoch and no progress bar (no carriage returns)."""
+    r = run("train", "--out", str(tmp_path / "run"), "--epochs", "1", "--train-subset", "500")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and any(l.startswith("epoch 1: loss ") for l in r.stderr.splitlines()), r.stderr

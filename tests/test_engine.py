@@ -12,7 +12,7 @@ from sparsenet import cli, engine
 from sparsenet import pruning as P
 from sparsenet.checkpoint import load_checkpoint
 from sparsenet.engine import Schedule, TrainConfig, evaluate, load_schedule, prune_run, train, uniform_schedule
-from sparsenet.util import SparsenetError
+from sparsenet.util import SparsenetError, eta, progress_bar
 needs_mnist = pytest.mark.mnist
 
 
@@ -351,3 +351,33 @@ def test_percentile_targets_are_fractions_of_the_original_layer(dense, tmp_path)
     assert rounds[-1]["density"]["fc1"] == pytest.approx(0.02, abs=1e-5)
     shrunk = P.prune(net, "percentile", {"fc1": 0.99}, relative_to="current")["fc1.W"]
     assert shrunk[1] == round(0.01 * net.params()["fc1.W"].size)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    """A piped or redirected stderr gets no tqdm bar (its carriage returns would fill the log)."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar(10, "epoch 1") is None
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    pytest.importorskip("tqdm")
+    bar = progress_bar(10, "epoch 1")
+    assert bar is not None and progress_bar(10, "epoch 1", enabled=False) is None
+    bar.close()
+
+
+def test_time_left_reads_as_a_person_says_it():
+    assert [eta(s) for s in (0.2, 40, 89, 180, 5000, 9000)] == ["~1 s", "~40 s", "~89 s", "~3 min", "~83 min", "~2.5 h"]
+
+
+@needs_mnist
+def test_epoch_lines_say_how_much_is_left(tmp_path, capsys):
+    train(tmp_path / "run", TrainConfig(epochs=3, train_subset=500), progress=True)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch")]
+    assert len(lines) == 3 and "[1/3 epochs, ~" in lines[0] and "[2/3 epochs, ~" in lines[1]
+    assert lines[0].endswith(" left]") and "left" not in lines[2]  # the last one has nothing left

@@ -9,6 +9,7 @@ from sparsenet import cli
 from sparsenet.checkpoint import load_checkpoint
 from sparsenet.data import load_split
 from sparsenet.model import build_model
+from sparsenet.figures import plot_curves, tradeoff_limits
 from sparsenet.reproduce import REPRO_DIR, find_config, format_check, load_config, repo_path, reproduce
 from sparsenet.modelfile import export_model, load_model
 from sparsenet.util import SparsenetError
@@ -24,12 +25,27 @@ def strings(obj):
 
 @pytest.mark.mnist
 @pytest.mark.parametrize("name", ["lenet-300-100-ci", "lenet-5-ci"])
-def test_reduced_reproduction_meets_its_bounds(name, tmp_path):
+def test_reduced_reproduction_meets_its_bounds(name, tmp_path, capsys):
     cfg, _ = load_config(name)
     # results committed without their work/ folder (a fresh clone) are not resumed from
     (tmp_path / "metrics.json").write_text(json.dumps({"seconds": {"dense": 1e6},
                                                        "provenance": {"commits": ["0" * 40]}}))
-    m = reproduce(name, tmp_path, progress=False)
+    m = reproduce(name, tmp_path, progress=True)
+    # progress on stderr, line by line (not a terminal): every stage, each with an estimate of the time left
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert f"dense training: {cfg['train']['epochs']} epochs in {tmp_path / 'work' / 'dense'}" in err
+    assert f"iterative pruning: {len(cfg['prune']['rounds'])} rounds in" in err and "reused" not in err
+    assert "epochs, ~" in err and " left]" in err  # the engine's epoch lines
+    assert "report: 2 of 2, per-layer table of the pruned network, ~" in err
+    n_layers = len(m["sensitivity"]["layers"])
+    assert f"Fig. 6: sensitivity (dense network, no retraining): {n_layers} of {n_layers}, layer" in err
+    if "tradeoff" in cfg:
+        n = 2 * len(cfg["tradeoff"]["ratios"]) + 2
+        assert f"Fig. 5: 2 of {n}, L2, " in err and f"Fig. 5: {n} of {n}, L2, iterative in" in err
+        assert all(f"Fig. 5: {k} of {n}, " in line and " left" in line
+                   for k in range(2, n + 1) for line in err.splitlines() if f"Fig. 5: {k} of {n}, " in line)
+    assert "curves" in m["figures"] and "![curves](curves.png)" in (tmp_path / "report.md").read_text()
     assert m["seconds"]["dense"] < 1e6 and "0" * 40 not in m["provenance"]["commits"]
     bounds = cfg["bounds"]
     assert m["pruned"]["test_error"] <= bounds["max_test_error"]
@@ -61,9 +77,17 @@ def test_reduced_reproduction_meets_its_bounds(name, tmp_path):
     assert ratio >= 10.0, ratio
     x, _ = load_split("mnist", net.input_shape, numpy, split="test")["test"]
     assert numpy.array_equal(load_model(tmp_path / "pruned.h5").predict(x), net.predict(x))
-    # a second call finds every step done and reproduces the same numbers
-    again = reproduce(name, tmp_path, progress=False)
+    # a second call finds every step done, says so, and reproduces the same numbers
+    capsys.readouterr()
+    again = reproduce(name, tmp_path, progress=True)
     assert again["pruned"] == m["pruned"] and again["dense"] == m["dense"]
+    err = capsys.readouterr().err
+    assert f"dense training: reused {tmp_path / 'work' / 'dense'} (done earlier)" in err
+    assert f"iterative pruning: reused {tmp_path / 'work' / 'pruned'} (done earlier)" in err
+    assert "epoch 1:" not in err  # nothing retrained
+    if "tradeoff" in cfg:
+        assert f"Fig. 5: 1 of {n}, reused {tmp_path / 'work' / 'tradeoff' / 'l1-base'} (done earlier)" in err
+        assert f"Fig. 5: {n} of {n}, reused" in err
     # an edited config does not silently reuse runs made with other settings
     for part, key, value in (("prune", "seed", 1), ("train", "epochs", cfg["train"]["epochs"] + 1)):
         edited = json.loads(json.dumps(cfg))
@@ -92,3 +116,28 @@ def test_paths_and_checks_read_as_bound_and_value():
         "test error 1.56% (bound ≤ 1.64%) ✓"
     assert format_check("min_compression", {"bound": 12, "value": 11.5, "ok": False}) == \
         "compression 11.5× (bound ≥ 12×) ✗ NOT MET"
+
+
+def test_tradeoff_frame_follows_the_retrained_curves():
+    """Fig. 5's y range fits 0 and the retrained curves (0.1-point differences stay visible); a curve without
+    retraining that falls far below leaves the frame and its lowest point is reported for the title."""
+    curves = {"L2 w/o retrain": {"pruned": [0.5, 0.9], "loss": [0.001, 0.47]},
+              "L2 w/ retrain": {"pruned": [0.5, 0.9], "loss": [-0.0004, 0.013]},
+              "L2 iterative prune + retrain": {"pruned": [0.5, 0.9], "loss": [-0.0007, 0.0044]}}
+    lo, hi, low = tradeoff_limits({"curves": curves, "dense_error": 0.015})
+    assert -1.6 < lo < -1.3 and 0.07 < hi < 0.3 and low == pytest.approx(-47.0)
+    lo, hi, low = tradeoff_limits({"curves": {k: curves[k] for k in list(curves)[1:]}, "dense_error": 0.015})
+    assert low is None  # nothing leaves the frame
+
+
+def test_training_curves_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    dense = [{"epoch": e, "loss": 1.0 / e, "train_error": 0.1, "test_error": 0.05 / e, "seconds": 1.0}
+             for e in (1, 2, 3)]
+    prune = [{"event": "start", "test_error": 0.02},
+             *[r for k in (1, 2) for r in ({"event": "prune", "round": k, "test_error": 0.03 * k},
+                                          *({"event": "epoch", "round": k, "epoch": e, "loss": 0.1, "test_error": 0.02}
+                                            for e in (1, 2)), {"event": "round", "round": k, "test_error": 0.02})]]
+    assert plot_curves({"dense training": dense, "iterative pruning": prune}, tmp_path / "curves.png")
+    assert plot_curves(dense, tmp_path / "one.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000 and (tmp_path / "one.png").stat().st_size > 1000
