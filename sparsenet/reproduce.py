@@ -147,7 +147,7 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True):
     work = out / "work"
     t_start, commit = time.time(), _git_commit()  # the code that runs this call (a resumed run may span several)
     timing = (_read(out / "metrics.json") if work.is_dir() else None) or {}  # a resumed run adds to its time, commits
-    seconds = dict(timing.get("seconds", {}))
+    seconds = {k: v for k, v in timing.get("seconds", {}).items() if k != "total"}  # the total is recomputed
     tcfg, sched, kw = TrainConfig.from_dict(cfg["train"]), Schedule.from_dict(cfg["prune"]), dict(
         data_dir=data_dir, device=device, progress=progress)
     dense_dir, pruned_dir, dense_ck = work / "dense", work / "pruned", work / "dense" / "checkpoint.h5"

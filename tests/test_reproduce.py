@@ -81,6 +81,9 @@ def test_reduced_reproduction_meets_its_bounds(name, tmp_path, capsys):
     capsys.readouterr()
     again = reproduce(name, tmp_path, progress=True)
     assert again["pruned"] == m["pruned"] and again["dense"] == m["dense"]
+    stages = {k: v for k, v in again["seconds"].items() if k != "total"}
+    assert again["seconds"]["total"] == pytest.approx(sum(stages.values()), abs=0.2)  # no total counted twice
+    assert again["seconds"]["total"] < 1.5 * m["seconds"]["total"] + 30
     err = capsys.readouterr().err
     assert f"dense training: reused {tmp_path / 'work' / 'dense'} (done earlier)" in err
     assert f"iterative pruning: reused {tmp_path / 'work' / 'pruned'} (done earlier)" in err
