@@ -17,6 +17,9 @@ def _python_blocks(text):
 def test_the_python_example_runs(tmp_path, monkeypatch, capsys):
     blocks = _python_blocks(README.read_text())
     assert len(blocks) == 1
+    from sparsenet.data import resolve_data_dir
+
+    monkeypatch.setenv("SPARSENET_DATA", str(resolve_data_dir().absolute()))  # ./data, seen from here
     monkeypatch.chdir(tmp_path)  # it writes runs/demo/ relative to the working directory
     exec(compile(blocks[0], "README.md", "exec"), {})
     out = capsys.readouterr().out
