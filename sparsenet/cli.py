@@ -102,6 +102,7 @@ def build_parser():
     p = sub.add_parser("report", help="per-layer table: weights, FLOP, act%%, weights%% and FLOP%% left (Tables 2-3)")
     p.add_argument("checkpoint")
     p.add_argument("--out", help="folder for report.json and report.md (default: the checkpoint's folder)")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier report there")
     _add_common(p)
 
     p = sub.add_parser("sensitivity", help="test error with one layer pruned at a time, no retraining (Fig. 6)")
@@ -110,6 +111,7 @@ def build_parser():
                                     "(default 0,0.05,...,0.95)")
     p.add_argument("--layers", help="comma-separated layers (default: every prunable layer)")
     p.add_argument("--out", help="folder for sensitivity.json/.md/.png (default: the checkpoint's folder)")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier sensitivity sweep there")
     _add_common(p)
 
     p = sub.add_parser("reproduce", help="rerun one of the paper's LeNet experiments end to end",
@@ -203,9 +205,18 @@ def cmd_prune(a):
           f"parameters left ({r['compression']:.1f}x fewer)")
 
 
+def _refuse_overwrite(a, *names):
+    """The one overwrite policy: a command does not replace files it wrote before unless --force."""
+    folder = Path(a.out) if a.out is not None else Path(a.checkpoint).parent
+    there = [str(folder / n) for n in names if (folder / n).exists()]
+    if there and not a.force:
+        raise SparsenetError(f"{there[0]} exists; choose another --out or add --force to overwrite it")
+
+
 def cmd_report(a):
     from .report import format_table, report_checkpoint
 
+    _refuse_overwrite(a, "report.json", "report.md")
     rep = report_checkpoint(a.checkpoint, a.out, a.data_dir, a.device)
     print(json.dumps(rep) if a.json else f"{format_table(rep)}\nwritten: {', '.join(rep['files'])}")
 
@@ -218,6 +229,7 @@ def cmd_sensitivity(a):
     except ValueError:
         raise SparsenetError(f"--ratios {a.ratios!r}: expected comma-separated numbers in [0, 1]") from None
     layers = [n.strip() for n in a.layers.split(",") if n.strip()] if a.layers else None
+    _refuse_overwrite(a, "sensitivity.json", "sensitivity.md", "sensitivity.png")
     res = sensitivity_checkpoint(a.checkpoint, a.out, ratios, layers, a.data_dir, a.device)
     print(json.dumps(res) if a.json else f"{format_sensitivity(res)}\nwritten: {', '.join(res['files'])}")
 

@@ -147,3 +147,17 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     r = run("train", "--out", str(tmp_path / "run"), "--epochs", "1", "--train-subset", "500")
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and any(l.startswith("epoch 1: loss ") for l in r.stderr.splitlines()), r.stderr
+
+
+@pytest.mark.mnist
+def test_report_and_sensitivity_follow_the_same_overwrite_policy(tmp_path):
+    from sparsenet.checkpoint import save_checkpoint
+    from sparsenet.model import build_model
+
+    save_checkpoint(tmp_path / "ck.h5", build_model("lenet-300-100"), config={"dataset": "mnist"})
+    for cmd, extra, name in (("report", (), "report.json"), ("sensitivity", ("--ratios", "0,0.5"), "sensitivity.json")):
+        assert run(cmd, str(tmp_path / "ck.h5"), *extra).returncode == 0
+        before = (tmp_path / name).read_bytes()
+        _one_line_error(run(cmd, str(tmp_path / "ck.h5"), *extra), "--force")
+        assert (tmp_path / name).read_bytes() == before
+        assert run(cmd, str(tmp_path / "ck.h5"), *extra, "--force").returncode == 0
