@@ -244,27 +244,15 @@ class _Run:
         self.state["iteration"] = opt.iteration
         config = {**self.base_config, "run": self.state}
         save_checkpoint(self.ckpt, self.net, opt, self.rng, self.state["epoch"], config, self.log)
-        self.write_views()
+        self.write_views(settings=False)
 
-    def write_views(self):
+    def write_views(self, settings=True):
+        """``log.jsonl`` and (when a run starts or resumes: they do not change) its settings."""
         write_text_atomic(self.dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.log))
-        if self.schedule.prunes:
-            write_text_atomic(self.dir / "schedule.json", json.dumps(self.schedule.to_dict(), indent=2) + "\n")
-        else:
-            write_text_atomic(self.dir / "config.json", json.dumps(self.base_config, indent=2) + "\n")
-
-    def where(self, epoch):
-        return (f"round {self.state['round'] + 1}, " if self.schedule.prunes else "") + f"epoch {epoch}"
-
-
-def _open_run(run_dir, xp):
-    """A run folder's checkpoint, for resuming: (net, schedule, state, base config, log, rng)."""
-    ck = load_checkpoint(Path(run_dir) / "checkpoint.h5", xp)
-    config = dict(ck.config)
-    state = config.pop("run", None)
-    if not isinstance(state, dict) or ck.log is None:
-        raise SparsenetError(f"{Path(run_dir) / 'checkpoint.h5'}: not a run checkpoint of this version (no run state)")
-    return ck.net, Schedule.from_dict(state["schedule"]), state, config, ck.log, ck.rng()
+        if settings:
+            name, value = ("schedule.json", self.schedule.to_dict()) if self.schedule.prunes else ("config.json",
+                                                                                                   self.base_config)
+            write_text_atomic(self.dir / name, json.dumps(value, indent=2) + "\n")
 
 
 def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, data_dir=None, device=None,
@@ -277,7 +265,12 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     if not resume and schedule is None:
         raise SparsenetError("a new run needs a schedule")
     if resume:
-        net, schedule, state, base_config, log, rng = _open_run(run_dir, xp)
+        ck = load_checkpoint(run_dir / "checkpoint.h5", xp)
+        base_config = dict(ck.config)
+        state = base_config.pop("run", None)
+        if not isinstance(state, dict) or ck.log is None:
+            raise SparsenetError(f"{run_dir / 'checkpoint.h5'}: not a run checkpoint of this version (no run state)")
+        net, schedule, log, rng = ck.net, Schedule.from_dict(state["schedule"]), ck.log, ck.rng()
         if epochs is not None:
             if schedule.prunes:
                 raise SparsenetError("--epochs with --resume applies to dense training runs only")
@@ -321,6 +314,7 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
                       "test_error": net.error(xt, tt), **_totals(net)})
         run_dir.mkdir(parents=True, exist_ok=True)
         R.commit(opt)
+        R.write_views()
     with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
         while state["round"] < len(schedule.rounds):
             _round(R, opt, (x, t), (xt, tt))
@@ -358,8 +352,9 @@ def _round(R, opt, train_data, test_data):
             if bar is not None:
                 bar.close()
         if not numpy.isfinite(loss) or not all(bool(net.xp.isfinite(p.data).all()) for p in net.params().values()):
-            raise SparsenetError(f"training diverged in {R.where(e + 1)} (loss {loss:.4g}); the last good "
-                                 f"checkpoint is {R.ckpt} ({R.where(e)}); start again with a lower learning rate")
+            where = f"round {k + 1}, " if R.schedule.prunes else ""
+            raise SparsenetError(f"training diverged in {where}epoch {e + 1} (loss {loss:.4g}); the last good "
+                                 f"checkpoint is {R.ckpt} ({where}epoch {e}); start again with a lower learning rate")
         seconds = time.perf_counter() - t0
         rec = {"event": "epoch", "round": k + 1} if R.schedule.prunes else {}
         rec.update({"epoch": e + 1, "iteration": opt.iteration, "lr": opt.current_lr(), "loss": loss,
@@ -400,8 +395,6 @@ def train(run_dir, config=None, resume=False, data_dir=None, device=None, progre
     if resume:
         return run(run_dir, resume=True, data_dir=data_dir, device=device, progress=progress, epochs=epochs)
     cfg = (config or TrainConfig()).validate()
-    if (Path(run_dir) / "checkpoint.h5").exists():
-        raise SparsenetError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
     net = build_model(cfg.model, cfg.seed, array_module(device))
     return run(run_dir, cfg.schedule(), source=net, base_config=dataclasses.asdict(cfg), data_dir=data_dir,
                device=device, progress=progress)

@@ -10,8 +10,9 @@ import math
 import numpy
 
 from . import layers as L
-from .backend import asnumpy, get_array_module, sparse_module, to_device
+from .backend import asnumpy, sparse_module, to_device
 from .codecs import as_matrix, csr_from_dense
+from .model import predict_batches
 from .util import SparsenetError
 
 
@@ -106,6 +107,4 @@ class SparseNetwork:
 
     def predict(self, x, batch_size=1000):
         """Predicted class of every row of ``x``, in batches of ``batch_size``."""
-        xp = get_array_module(x)
-        out = [self.forward(x[i:i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)]
-        return xp.concatenate(out) if out else xp.zeros(0, dtype=numpy.int64)
+        return predict_batches(self.forward, x, batch_size)

@@ -90,6 +90,13 @@ def layer_from_spec(spec, rng=None, xp=numpy):
     return cls(**spec, rng=rng, xp=xp) if cls in (L.Linear, L.Conv2d) else cls(**spec)
 
 
+def predict_batches(forward, x, batch_size):
+    """Predicted class of every row of ``x``, with ``forward`` (logits) run ``batch_size`` rows at a time."""
+    xp = get_array_module(x)
+    out = [forward(x[i:i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)]
+    return xp.concatenate(out) if out else xp.zeros(0, dtype=numpy.int64)
+
+
 class Network:
     """A sequential network with a softmax cross-entropy head: ``forward`` returns logits,
     ``loss_and_backward`` also fills every ``Param.grad``."""
@@ -197,11 +204,10 @@ class Network:
 
     def predict(self, x, batch_size=1000):
         """Predicted class of every row of ``x`` (inference mode, batched)."""
-        xp = get_array_module(x)
-        out = [self.forward(x[i:i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)]
+        y = predict_batches(self.forward, x, batch_size)
         for l in self.layers:
             l.cache = None
-        return xp.concatenate(out) if out else xp.zeros(0, dtype=numpy.int64)
+        return y
 
     def error(self, x, t, batch_size=1000):
         """Top-1 error (fraction) on ``(x, t)``."""

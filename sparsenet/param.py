@@ -1,14 +1,15 @@
 """A trainable array that owns its mask: the one place where the pruning rule lives.
 
-The rule: a parameter has a 0/1 mask ``M``; where ``M = 0`` the value *and every
-optimiser state array* (``state["momentum"]``, …) are exactly 0, and a mask only ever
-loses ones. Only :meth:`Param._assign` sets a mask, and these operations call it:
-:meth:`~Param.prune` (narrow the mask, zero value and state there), :meth:`~Param.take`
-(keep rows/columns of everything together: §3.5), :meth:`~Param.load` (install arrays
-read from a file after checking the rule; a mask is never derived from the values, so a
-survivor at exactly 0.0 stays a connection). :meth:`~Param.zero_pruned` re-asserts the
-rule after an update with a select, not a product (NaN·0 = NaN in a diverging run).
+The rule: where the 0/1 mask ``M`` is 0, the value *and every optimiser state array*
+(``state["momentum"]``, …) are exactly 0, and a mask only loses ones. Only
+:meth:`Param._assign` sets a mask; :meth:`~Param.prune` narrows it, :meth:`~Param.take`
+keeps rows/columns of everything together (§3.5), :meth:`~Param.load` installs arrays read
+from a file after checking the rule (never deriving a mask from the values: a survivor at
+0.0 stays a connection). :meth:`~Param.zero_pruned` re-asserts the rule after an update
+with a select, not a product (NaN·0 = NaN in a diverging run).
 """
+import numpy
+
 from .backend import get_array_module
 from .util import SparsenetError
 
@@ -19,7 +20,7 @@ class Param:
     optimiser's arrays), ``prunable`` (weights yes, biases no), and Caffe's ``lr_mult`` /
     ``decay_mult`` (multipliers of the learning rate and of the regularisation)."""
 
-    __slots__ = ("data", "grad", "_mask", "state", "prunable", "lr_mult", "decay_mult")
+    __slots__ = ("data", "grad", "_mask", "_keep", "state", "prunable", "lr_mult", "decay_mult")
 
     def __init__(self, data, prunable=True, lr_mult=1.0, decay_mult=1.0):
         self.prunable, self.lr_mult, self.decay_mult, self.grad = prunable, lr_mult, decay_mult, None
@@ -31,6 +32,10 @@ class Param:
         if check:
             _check(data, mask, state)
         self.data, self._mask, self.state = data, mask, dict(state)
+        # the mask as bits (ones where kept) for zero_pruned's select; None when nothing is pruned
+        xp, pruned = get_array_module(mask), mask == 0
+        bits = numpy.dtype(f"u{data.dtype.itemsize}")
+        self._keep = xp.where(pruned, 0, numpy.iinfo(bits).max).astype(bits) if bool(pruned.any()) else None
 
     @property
     def mask(self):
@@ -81,15 +86,17 @@ class Param:
         self.grad = conv(self.grad)
 
     def zero_pruned(self):
-        """``W[M = 0] ← 0`` and likewise for every state array (a select: NaN-proof)."""
+        """``W[M = 0] ← 0`` and likewise for every state array: a select, NaN-proof, done as one
+        bitwise AND of the values' bits with the mask's bit pattern (as fast as ``W ⊙ M``)."""
+        if self._keep is None:
+            return
         xp = get_array_module(self.data)
-        pruned = self._mask == 0
-        for a in (self.data, *self.state.values()):
-            xp.copyto(a, 0, where=pruned)
+        for a in (self.data, *self.state.values()):  # state arrays have the value's dtype
+            xp.bitwise_and(a.view(self._keep.dtype), self._keep, out=a.view(self._keep.dtype))
 
     def check(self):
         """Raise :class:`SparsenetError` if the rule is broken (the mask is not 0/1, or a
-        value or state entry is non-zero or not finite where pruned)."""
+        value or state entry is non-zero where pruned)."""
         _check(self.data, self._mask, self.state)
 
     @property

@@ -239,7 +239,7 @@ def test_neuron_removal_keeps_outputs_and_leaves_no_dead_unit(spec, seed, densit
     x = rng.random((5, *net.input_shape), dtype=numpy.float32)
     y0 = net.forward(x)
     for p in net.params().values():  # identities ride along as a state array
-        p.state["ids"] = numpy.where(p.mask == 1, numpy.arange(p.size).reshape(p.data.shape), 0).astype(numpy.float64)
+        p.state["ids"] = numpy.where(p.mask == 1, numpy.arange(p.size).reshape(p.data.shape), 0).astype(numpy.float32)
     before = {n: (weights(net)[n], masks(net)[n]) for n in net.params()}
     removed = P.remove_dead_neurons(net)
     numpy.testing.assert_allclose(net.forward(x), y0, rtol=1e-5, atol=1e-5)

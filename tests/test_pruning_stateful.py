@@ -43,7 +43,7 @@ class PruningMachine(RuleBasedStateMachine):
         # identity of every position, carried through neuron removal like the momentum: a
         # state array of the parameter (Param.take slices all of them together)
         for p in self.net.params().values():
-            p.state["ids"] = numpy.arange(p.size, dtype=numpy.float64).reshape(p.data.shape)
+            p.state["ids"] = numpy.arange(p.size, dtype=numpy.float32).reshape(p.data.shape)
         self.alive = self._alive()
         self.dir = Path(tempfile.mkdtemp(prefix="sparsenet-sm-"))
 
