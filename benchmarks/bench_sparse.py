@@ -38,7 +38,7 @@ from sparsenet.paper import weights_left
 from sparsenet.pruning import prune_at_random
 
 PAPER = {name: weights_left(name) for name in ("lenet-300-100", "lenet-5")}
-FC6 = (weights_left("alexnet")["fc1"], weights_left("vgg-16")["fc6"])  # Tables 4 and 5 (AlexNet's fc6 is its fc1)
+FC6 = (weights_left("alexnet")["fc6"], weights_left("vgg-16")["fc6"])  # Tables 4 and 5
 
 
 def _sync(xp):

@@ -35,6 +35,7 @@ from sparsenet.backend import array_module, to_device
 from sparsenet.model import build_model
 import dataclasses
 
+from sparsenet.data import ArraySplit
 from sparsenet.engine import TrainConfig, reuse_heap_memory, train_epoch
 from sparsenet.optim import SGD
 
@@ -96,10 +97,10 @@ def bench_sparsenet(name, x, t, xp):
     xs = to_device(x.reshape((-1,) + net.input_shape), xp)
     ts = to_device(t, xp)
     rng = numpy.random.default_rng(0)
-    train_epoch(net, opt, xs[:640], ts[:640], cfg.batch_size, rng)  # warm-up
+    train_epoch(net, opt, ArraySplit(xs[:640], ts[:640]), cfg.batch_size, rng)  # warm-up
     _sync(xp)
     t0 = time.perf_counter()
-    train_epoch(net, opt, xs, ts, cfg.batch_size, rng)
+    train_epoch(net, opt, ArraySplit(xs, ts), cfg.batch_size, rng)
     _sync(xp)
     return time.perf_counter() - t0, train_flops(net, len(x))
 

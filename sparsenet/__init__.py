@@ -26,10 +26,15 @@ Fig. 4, sparsity pattern        :func:`sparsenet.figures.plot_pattern`
 Fig. 5, accuracy trade-off      :func:`sparsenet.reproduce.tradeoff`
 Fig. 6, sensitivity             :func:`sparsenet.report.sensitivity`
 the paper's published numbers   :mod:`sparsenet.paper`
+AlexNet, VGG-16 (Tables 4-5)    :func:`sparsenet.model.alexnet`, :func:`sparsenet.model.vgg_16`
+LRN, grouped conv (AlexNet)     :func:`sparsenet.layers.lrn_forward`, :func:`sparsenet.layers.conv2d_forward`
+trained weights, ImageNet       :func:`sparsenet.pretrained.import_weights`, :class:`sparsenet.imagenet.ImageFolder`
+the ImageNet plans              :func:`sparsenet.reproduce.reproduce_pretrained`, :func:`sparsenet.reproduce.apply_plan`
 ==============================  ===========================================================
 
 Supporting modules: :mod:`sparsenet.backend` (NumPy/CuPy dispatch), :mod:`sparsenet.model`
-(networks, the LeNets), :mod:`sparsenet.data` (MNIST), :mod:`sparsenet.checkpoint` and
+(networks: the LeNets, AlexNet, VGG-16), :mod:`sparsenet.data` (MNIST, the splits a run reads),
+:mod:`sparsenet.checkpoint` and
 :mod:`sparsenet.h5io` (HDF5 files), :mod:`sparsenet.cli` (the ``sparsenet`` command).
 
 The public API below is importable from ``sparsenet`` directly (``__all__``).

@@ -52,7 +52,7 @@ def build_parser():
     import dataclasses
 
     from . import __version__
-    from .data import DATASETS
+    from .data import ALL_DATASETS, DATASETS
     from .engine import RETRAIN_DEFAULTS, TrainConfig
     from .modelfile import ENCODINGS
     from .pruning import CRITERIA
@@ -68,7 +68,7 @@ def build_parser():
     p.add_argument("--model", choices=sorted(MODELS), default=d["model"])
     p.add_argument("--out", required=True, help="run directory (config.json, log.jsonl, checkpoint.h5)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default=d["dataset"])
+    p.add_argument("--dataset", choices=sorted(ALL_DATASETS), default=d["dataset"])
     p.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']}")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--seed", type=int, default=d["seed"])
@@ -114,14 +114,29 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite an earlier sensitivity sweep there")
     _add_common(p)
 
-    p = sub.add_parser("reproduce", help="rerun one of the paper's LeNet experiments end to end",
-                       description="Dense training, iterative pruning with retraining, dead-neuron removal, per-layer "
-                                   "report and figures, written to runs/EXPERIMENT/ and compared with the committed "
-                                   "reproduce/results/EXPERIMENT/. A killed run resumes when started again.")
-    p.add_argument("experiment", help="lenet-300-100, lenet-5, … (a config in reproduce/) or a config .json")
+    p = sub.add_parser("reproduce", help="rerun one of the paper's experiments end to end",
+                       description="LeNets: dense training, iterative pruning with retraining, dead-neuron removal, "
+                                   "per-layer report and figures, written to runs/EXPERIMENT/ and compared with the "
+                                   "committed reproduce/results/EXPERIMENT/. AlexNet, VGG-16: trained weights "
+                                   "imported (--weights), the paper's plan run on ImageNet (--imagenet). A killed "
+                                   "run resumes when started again.")
+    p.add_argument("experiment", help="lenet-300-100, lenet-5, alexnet, vgg-16, … (a config in reproduce/) or a .json")
     p.add_argument("--out", help="results folder (default runs/EXPERIMENT)")
+    p.add_argument("--weights", help="AlexNet/VGG-16: trained weights to start from (.onnx or .safetensors)")
+    p.add_argument("--imagenet", help="AlexNet/VGG-16: the ILSVRC-2012 folder (train/, val/); same as --data-dir")
+    p.add_argument("--prune-only", action="store_true",
+                   help="AlexNet/VGG-16: apply the plan's pruning without data or retraining (counts and sizes)")
     p.add_argument("--no-progress", action="store_true")
     _add_common(p, json=False)
+
+    p = sub.add_parser("import", help="trained AlexNet/VGG-16 weights (.onnx, .safetensors) into a checkpoint",
+                       description="Reads the ONNX model zoo's bvlcalexnet/vgg16 files and torchvision/timm VGG-16 "
+                                   ".safetensors (tensors only: no code from the file runs) into a sparsenet checkpoint, "
+                                   "checking every layer's kind, settings and shape against the network.")
+    p.add_argument("file")
+    p.add_argument("--model", required=True, choices=("alexnet", "vgg-16"))
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
     p = sub.add_parser("eval", help="test error of a checkpoint")
     p.add_argument("checkpoint")
@@ -237,14 +252,26 @@ def cmd_sensitivity(a):
 def cmd_reproduce(a):
     from .reproduce import reproduce
 
-    m = reproduce(a.experiment, a.out, a.data_dir, a.device, progress=not a.no_progress)
-    pr = m["pruned"]
-    print(f"{m['experiment']}: dense {100 * m['dense']['test_error']:.2f}% -> pruned {100 * pr['test_error']:.2f}% "
+    if a.imagenet and a.data_dir and a.imagenet != a.data_dir:
+        raise SparsenetError("give the ImageNet folder once: --imagenet or --data-dir")
+    m = reproduce(a.experiment, a.out, a.imagenet or a.data_dir, a.device, progress=not a.no_progress,
+                  weights=a.weights, prune_only=a.prune_only)
+    pr, err = m["pruned"], (lambda e: "-" if e is None else f"{100 * e:.2f}%")
+    dense = m["dense"].get("test_error", m["dense"].get("error"))
+    print(f"{m['experiment']}: dense {err(dense)} -> pruned {err(pr['test_error'])} "
           f"with {pr['nonzero_params']:,} of {pr['params']:,} parameters ({pr['compression']:.1f}x); "
           f"report: {m['results_dir']}/report.md")
     failed = [k for k, c in m["checks"].items() if not c["ok"]]
     if failed:
         raise SparsenetError(f"{m['experiment']}: bounds not met: {', '.join(failed)}")
+
+
+def cmd_import(a):
+    from .pretrained import import_checkpoint
+
+    info = import_checkpoint(a.file, a.model, a.out, force=a.force)
+    print(f"{a.out}: {a.model} from {info['format']} ({info['layout']} layout), input {info['input_size']}x"
+          f"{info['input_size']}, preprocessing {info['preprocess']['mode']}")
 
 
 def cmd_summary(a):
@@ -253,19 +280,31 @@ def cmd_summary(a):
     from .checkpoint import load_checkpoint
 
     net = build_model(a.model) if a.model else load_checkpoint(a.checkpoint).net
-    rows = net.summary()
+    from .paper import LAYERS
+
+    rows, paper = net.summary(), LAYERS.get(net.name, {"rows": {}})
     total = {"params": net.count_params(), "nonzero_params": net.count_nonzero(),
              "macs": sum(r["macs"] for r in rows)}
+    for r in [*rows, total]:  # FLOP = 2 MACs, as the paper counts; its Table 2-5 numbers beside ours
+        r.update(flop=2 * r["macs"], paper={k: v for k, v in paper["rows"].get(r.get("name", "total"), {}).items()
+                                            if k in ("weights", "flop", "weights_left")} or None)
     if a.json:
-        print(json.dumps({"model": net.name, "input_shape": list(net.input_shape), "layers": rows, **total}))
+        print(json.dumps({"model": net.name, "input_shape": list(net.input_shape), "layers": rows, **total,
+                          "paper_source": paper.get("source")}))
         return
-    from .report import text_table
+    from .report import pct, text_table
 
-    print(text_table(["layer", "kind", "output", "weight", "params", "connections", "MACs/sample"], [
-        [r["name"], r["kind"], "x".join(map(str, r["output_shape"])),
-         "x".join(map(str, r["weight_shape"] or [])) or "-", f"{r['params']:,}", f"{r['nonzero_params']:,}",
-         f"{r['macs']:,}"] for r in rows]
-        + [["total", "", "", "", f"{total['params']:,}", f"{total['nonzero_params']:,}", f"{total['macs']:,}"]]))
+    def num(v):
+        return "-" if v is None else f"{v:,}"
+
+    print(text_table(["layer", "kind", "output", "weight", "params", "connections", "FLOP/sample", "paper weights",
+                      "paper FLOP", "paper weights% left"], [
+        [r.get("name", "total"), r.get("kind", ""), "x".join(map(str, r.get("output_shape", []))),
+         "x".join(map(str, r.get("weight_shape") or [])) or "-", f"{r['params']:,}", f"{r['nonzero_params']:,}",
+         f"{r['flop']:,}", *((num((r["paper"] or {}).get(k)) for k in ("weights", "flop"))),
+         pct((r["paper"] or {}).get("weights_left"))] for r in [*rows, total]]))
+    if paper.get("source"):
+        print(f"paper columns: {paper['source']}, as published")
 
 
 def cmd_export(a):
@@ -327,8 +366,9 @@ def cmd_predict(a):
           f"(layers run {plan or 'none'})")
 
 
-COMMANDS = dict(train=cmd_train, prune=cmd_prune, reproduce=cmd_reproduce, eval=cmd_eval, summary=cmd_summary,
-                report=cmd_report, sensitivity=cmd_sensitivity, export=cmd_export, predict=cmd_predict)
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
+            "report": cmd_report, "sensitivity": cmd_sensitivity, "export": cmd_export, "predict": cmd_predict,
+            "import": cmd_import}
 
 
 def main(argv=None):

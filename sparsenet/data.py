@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy
 
-from .backend import to_device
+from .backend import get_array_module, to_device
 from .util import SparsenetError, atomic_path, env_flag, progress_bar
 
 DOWNLOAD_TIMEOUT = 30  # seconds, per network operation
@@ -232,3 +232,67 @@ def load_split(dataset, input_shape, xp, data_dir=None, train_subset=0, split="b
         raise SparsenetError(f"the network has {n_classes} outputs, but {dataset} has labels up to {top}")
     return {s: (to_device(x.reshape((-1, *input_shape)), xp), to_device(y, xp))
             for s, x, y in (("train", xr, yr), ("test", xt, yt)) if split in ("both", s)}
+
+
+# ----------------------------------------------------------------------------- splits the run engine reads
+ALL_DATASETS = (*DATASETS, "imagenet")
+
+
+class ArraySplit:
+    """Images ``x`` (N, …) and labels ``t`` (N,) held on the device (MNIST); batches by index."""
+
+    def __init__(self, x, t):
+        self.x, self.t = x, t
+
+    def __len__(self):
+        return len(self.x)
+
+    def batches(self, batch_size, rng=None, train=False, xp=None):
+        """``(x, t)`` batches in the order ``rng.permutation(N)`` (a NumPy Generator), or as stored."""
+        order = get_array_module(self.x).asarray(rng.permutation(len(self))) if rng is not None else None
+        for start in range(0, len(self), batch_size):
+            idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+            yield self.x[idx], self.t[idx]
+
+
+def imagenet_root(data_dir=None):
+    """The ILSVRC-2012 folder: ``data_dir`` (``--data-dir``/``--imagenet``, else ``$SPARSENET_DATA``, else
+    ``./data``) when it holds ``train/`` or ``val/``, else its ``imagenet/`` subfolder."""
+    root = resolve_data_dir(data_dir)
+    return root if (root / "train").is_dir() or (root / "val").is_dir() else root / "imagenet"
+
+
+def open_splits(config, net, xp, data_dir=None, split="both"):
+    """A run's data as ``{"train": …, "test": …}`` (or one, ``split``): :class:`ArraySplit` for the IDX
+    datasets, :class:`sparsenet.imagenet.ImageFolder` (its ``preprocess`` from ``config``) for ImageNet.
+    ``config``: dataset, train_subset, test_subset (ImageNet only), preprocess."""
+    name = config.get("dataset", "mnist")
+    if name != "imagenet":
+        d = load_split(name, net.input_shape, xp, data_dir, config.get("train_subset", 0), split, net.n_classes)
+        return {k: ArraySplit(*v) for k, v in d.items()}
+    from .imagenet import ImageFolder, Preprocess
+
+    pre = Preprocess.from_dict(config.get("preprocess") or {"size": net.input_shape[0]})
+    if (pre.size, pre.size, 3) != tuple(net.input_shape):
+        raise SparsenetError(f"the network takes inputs of shape {tuple(net.input_shape)}, but the ImageNet "
+                             f"preprocessing crops {pre.size}x{pre.size}x3")
+    return {s: ImageFolder(imagenet_root(data_dir), "train" if s == "train" else "val", pre,
+                           subset=config.get(f"{s}_subset", 0)) for s in ("train", "test") if split in ("both", s)}
+
+
+def first_images(split, n, xp):
+    """The first ``n`` images and labels of a split as arrays (statistics on a sample of ImageNet)."""
+    xs, ts = [], []
+    for x, t in split.batches(min(n, 64), xp=xp):
+        xs.append(x)
+        ts.append(t)
+        if sum(map(len, ts)) >= n:
+            break
+    return xp.concatenate(xs)[:n], xp.concatenate(ts)[:n]
+
+
+def test_arrays(config, net, xp, data_dir=None, limit=1000):
+    """The test images and labels of a run's dataset as arrays: all of an IDX dataset, the first
+    ``limit`` of ImageNet's validation set (the per-layer report's activation statistics)."""
+    test = open_splits(config, net, xp, data_dir, "test")["test"]
+    return (test.x, test.t) if isinstance(test, ArraySplit) else first_images(test, limit, xp)

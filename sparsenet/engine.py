@@ -29,7 +29,7 @@ import numpy
 from . import pruning
 from .backend import array_module, device_name
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DATASETS, load_split
+from .data import ALL_DATASETS, ArraySplit, open_splits
 from .model import MODELS, build_model
 from .optim import SETTINGS, SGD, check_settings
 from .util import SparsenetError, eta, progress_bar, whole, write_text_atomic
@@ -63,7 +63,7 @@ class TrainConfig:
     train_subset: int = 0  # use only the first N training images (0 = all); for tests/CI
 
     def validate(self):
-        for key, choices in (("model", MODELS), ("dataset", DATASETS)):
+        for key, choices in (("model", MODELS), ("dataset", ALL_DATASETS)):
             if getattr(self, key) not in choices:
                 raise SparsenetError(f"unknown {key} {getattr(self, key)!r}: choose from {', '.join(choices)}")
         for key in ("epochs", "batch_size", "seed", "train_subset"):
@@ -192,24 +192,31 @@ def reuse_heap_memory():
         pass
 
 
-def train_epoch(net, opt, x, t, batch_size, rng, progress=None):
-    """One pass over ``(x, t)`` in a random order drawn from ``rng``; returns ``(mean loss,
-    training error)`` of the batches' forward passes, before their updates."""
+def train_epoch(net, opt, data, batch_size, rng, progress=None):
+    """One pass over ``data`` (a split: :class:`~sparsenet.data.ArraySplit`, ImageNet's ImageFolder) in a
+    random order drawn from ``rng``; returns ``(mean loss, training error)`` of the batches' forward
+    passes, before their updates."""
     xp = net.xp
-    n = len(x)
-    perm = xp.asarray(rng.permutation(n))
     loss_sum = xp.zeros((), dtype=numpy.float64)
     wrong = xp.zeros((), dtype=numpy.int64)
-    for start in range(0, n, batch_size):
-        idx = perm[start:start + batch_size]
-        xb, tb = x[idx], t[idx]
+    for xb, tb in data.batches(batch_size, rng, train=True, xp=xp):
         loss, z = net.loss_and_backward(xb, tb)
         opt.step()
-        loss_sum += loss * len(idx)
+        loss_sum += loss * len(tb)
         wrong += (z.argmax(axis=1) != tb).sum()
         if progress is not None:
             progress.update(1)
-    return float(loss_sum) / n, int(wrong) / n
+    return float(loss_sum) / len(data), int(wrong) / len(data)
+
+
+def test_errors(net, data):
+    """``{"test_error": top-1 error}`` of ``net`` on a split, with ``"top5_error"`` for ImageNet."""
+    if isinstance(data, ArraySplit):
+        return {"test_error": net.error(data.x, data.t)}
+    from .imagenet import evaluate
+
+    r = evaluate(net, data, xp=net.xp)
+    return {"test_error": r["top1"], "top5_error": r["top5"]}
 
 
 def _totals(net):
@@ -295,9 +302,7 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
                 raise SparsenetError(f"round {i}: {e}" if len(schedule.rounds) > 1 else str(e)) from None
         net.freeze(r["freeze"])
     net.freeze(())
-    data = load_split(base_config.get("dataset", "mnist"), net.input_shape, xp, data_dir,
-                      base_config.get("train_subset", 0), n_classes=net.n_classes)
-    (x, t), (xt, tt) = data["train"], data["test"]
+    data = open_splits(base_config, net, xp, data_dir)
     if xp is not numpy:  # dropout on the GPU draws from a CuPy generator (not checkpointed)
         net.dropout_rng = xp.random.default_rng(int(rng.integers(2**63)))
     reuse_heap_memory()
@@ -311,13 +316,13 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     else:
         if schedule.prunes:
             R.record({"event": "start", "source": str(source) if isinstance(source, (str, Path)) else None,
-                      "test_error": net.error(xt, tt), **_totals(net)})
+                      **test_errors(net, data["test"]), **_totals(net)})
         run_dir.mkdir(parents=True, exist_ok=True)
         R.commit(opt)
         R.write_views()
     with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
         while state["round"] < len(schedule.rounds):
-            _round(R, opt, (x, t), (xt, tt))
+            _round(R, opt, data["train"], data["test"])
             if state["round"] < len(schedule.rounds):
                 opt = SGD.from_settings(net.params(), schedule.rounds[state["round"]])
     return log
@@ -327,27 +332,26 @@ def _round(R, opt, train_data, test_data):
     """Carry out (the rest of) round ``R.state["round"]``: §3.4 in one place."""
     net, state, k = R.net, R.state, R.state["round"]
     r, n_rounds = R.schedule.rounds[k], len(R.schedule.rounds)
-    (x, t), (xt, tt) = train_data, test_data
     if state["stage"] == "prune":
         if r["criterion"] is not None:
             t0 = time.perf_counter()
             pruning.prune(net, r["criterion"], r["amount"])                       # step 2
             rates = pruning.adjust_dropout(net)                                   # §3.2
             R.record({"event": "prune", "round": k + 1, "criterion": r["criterion"], "amount": r["amount"],
-                      **_totals(net), "dropout": rates, "test_error": net.error(xt, tt),
+                      **_totals(net), "dropout": rates, **test_errors(net, test_data),
                       "seconds": round(time.perf_counter() - t0, 3)})
         state.update(stage="retrain", epoch=0)
         opt.iteration = 0
         if r["criterion"] is not None:
             R.commit(opt)
     net.freeze(r["freeze"])                                                       # §3.3
-    n_batches = -(-len(x) // r["batch_size"])
+    n_batches = -(-len(train_data) // r["batch_size"])
     while state["epoch"] < r["epochs"]:                                           # retrain (§3.1)
         e, t0 = state["epoch"], time.perf_counter()
         desc = (f"round {k + 1}/{n_rounds} " if R.schedule.prunes else "") + f"epoch {e + 1}/{r['epochs']}"
         bar = progress_bar(n_batches, desc, enabled=R.progress)
         try:
-            loss, train_err = train_epoch(net, opt, x, t, r["batch_size"], R.rng, bar)
+            loss, train_err = train_epoch(net, opt, train_data, r["batch_size"], R.rng, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -358,7 +362,7 @@ def _round(R, opt, train_data, test_data):
         seconds = time.perf_counter() - t0
         rec = {"event": "epoch", "round": k + 1} if R.schedule.prunes else {}
         rec.update({"epoch": e + 1, "iteration": opt.iteration, "lr": opt.current_lr(), "loss": loss,
-                    "train_error": train_err, "test_error": net.error(xt, tt), "seconds": round(seconds, 3)})
+                    "train_error": train_err, **test_errors(net, test_data), "seconds": round(seconds, 3)})
         R.record(rec)
         state["epoch"] = e + 1
         R.commit(opt)
@@ -368,7 +372,7 @@ def _round(R, opt, train_data, test_data):
         seconds = sum(rec.get("seconds", 0) for rec in R.log if rec.get("round") == k + 1)
         R.record({"event": "round", "round": k + 1, **_totals(net), "removed_neurons": removed,
                   "shapes": {n: list(p.data.shape) for n, p in net.params().items()},
-                  "test_error": net.error(xt, tt), "seconds": round(seconds, 3)})
+                  **test_errors(net, test_data), "seconds": round(seconds, 3)})
     state.update(round=k + 1, stage="prune", epoch=0)
     opt.iteration = 0
     if R.schedule.prunes or k + 1 < n_rounds:
@@ -416,8 +420,7 @@ def evaluate(checkpoint, data_dir=None, device=None):
     """Test error and parameter counts of a checkpoint (the ``sparsenet eval`` record)."""
     xp = array_module(device)
     ck = load_checkpoint(checkpoint, xp)
-    dataset = ck.config.get("dataset", "mnist")
-    xt, tt = load_split(dataset, ck.net.input_shape, xp, data_dir, split="test", n_classes=ck.net.n_classes)["test"]
-    return {"checkpoint": str(checkpoint), "model": ck.net.name, "dataset": dataset, "epoch": ck.epoch,
-            "device": device_name(xp),
-            "test_error": ck.net.error(xt, tt), "params": ck.net.count_params(), "nonzero_params": ck.net.count_nonzero()}
+    test = open_splits(ck.config, ck.net, xp, data_dir, split="test")["test"]
+    return {"checkpoint": str(checkpoint), "model": ck.net.name, "dataset": ck.config.get("dataset", "mnist"),
+            "epoch": ck.epoch, "device": device_name(xp), **test_errors(ck.net, test),
+            "params": ck.net.count_params(), "nonzero_params": ck.net.count_nonzero()}

@@ -18,7 +18,12 @@ order) with other memory layouts:
 Timings behind these choices: ``benchmarks/README.md``.
 """
 from .backend import get_array_module
-from .layers import conv_output_size
+from .layers import conv_check, conv_output_size, pool_pad
+
+WORKSPACE = 1 << 28
+"""Bytes: a convolution whose im2col matrix X for the whole batch would be larger runs in
+chunks of images (VGG-16's conv1_2 at batch 32 would need 3.7 GB for X, as much again for
+the backward's D). Tests set it small."""
 
 
 # ----------------------------------------------------------------------------- linear
@@ -95,75 +100,104 @@ def sum_rows(G):
     return xp.ones(G.shape[0], dtype=G.dtype) @ G
 
 
-def conv2d_forward(x, W, b, stride=1, pad=0):
+def _operands(x, W, stride, pad, groups, n):
+    """Yield ``(r, g, X)`` over chunks of n images and over groups: X is the GEMM operand
+    (:func:`im2col`, either layout) of images r:r+n and group g's C/G input channels."""
+    _, kh, kw, Cg = W.shape
+    for r in range(0, x.shape[0], n):
+        for g in range(groups):
+            yield r, g, im2col(x[r:r + n, :, :, g * Cg:(g + 1) * Cg], kh, kw, stride, pad).reshape(-1, kh * kw * Cg)
+
+
+def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
     """:func:`sparsenet.layers.conv2d_forward` on the :func:`im2col` layouts above.
 
-    The cache keeps the GEMM operand X in whichever layout im2col chose.
+    While the batch's X fits in :data:`WORKSPACE` bytes the cache keeps X (one per group) in
+    whichever layout im2col chose; without groups this is one GEMM, ``y = X W₂ᵀ + b``.
+    Beyond it the batch runs in chunks of n = ⌊WORKSPACE / (bytes of X per image)⌋ images
+    (at least 1): per chunk and group, im2col and one GEMM into that block of a preallocated
+    y; the cache keeps x and the backward builds each chunk's X again.
     """
-    F, kh, kw, C = W.shape
-    if x.ndim != 4 or x.shape[3] != C:
-        raise ValueError(f"conv2d expects (N, H, W, {C}) input, got {tuple(x.shape)}")
-    cols = im2col(x, kh, kw, stride, pad)
-    N, Ho, Wo = cols.shape[:3]
-    X = cols.reshape(N * Ho * Wo, kh * kw * C)
-    y = X @ W.reshape(F, -1).T
+    conv_check(x, W, pad, groups)
+    F, kh, kw, Cg = W.shape
+    N, H, W_, C = x.shape
+    Ho, Wo, Fg = conv_output_size(H, kh, stride, pad), conv_output_size(W_, kw, stride, pad), F // groups
+    n = max(1, WORKSPACE // (Ho * Wo * kh * kw * C * x.itemsize))  # images per chunk
+    if groups == 1 and n >= N:
+        X = im2col(x, kh, kw, stride, pad).reshape(N * Ho * Wo, kh * kw * C)
+        y = X @ W.reshape(F, -1).T
+        y += b
+        return y.reshape(N, Ho, Wo, F), (x, [X], W, stride, pad, groups, n)
+    y, Xs = get_array_module(x).empty((N, Ho, Wo, F), dtype=x.dtype), ([] if n >= N else None)
+    for r, g, X in _operands(x, W, stride, pad, groups, n):
+        y[r:r + n, :, :, g * Fg:(g + 1) * Fg] = (X @ W[g * Fg:(g + 1) * Fg].reshape(Fg, -1).T).reshape(-1, Ho, Wo, Fg)
+        if Xs is not None:
+            Xs.append(X)
+        del X  # before the next chunk's im2col
     y += b
-    return y.reshape(N, Ho, Wo, F), (x.shape, X, W, stride, pad)
+    return y, (x, Xs, W, stride, pad, groups, n)
 
 
 def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
-    """:func:`sparsenet.layers.conv2d_backward` with col2im fused into the GEMM.
+    """:func:`sparsenet.layers.conv2d_backward` with col2im fused into the GEMM, per chunk of
+    images and group (one piece without groups below :data:`WORKSPACE`), X the piece's
+    operand (cached, or built again) and G its gradient rows (·, F/G):
 
     * gW: ``(Xᵀ G)ᵀ`` when X is stored transposed (C = 1), so that BLAS reads both
       operands as stored (``Gᵀ X`` would multiply two transposed operands, BLAS's slow
-      case); the small (F, K) result is copied row-major, like W. Otherwise ``Gᵀ X``.
-    * gb: :func:`sum_rows`.
+      case); otherwise ``Gᵀ X``; summed over chunks into the row-major gW, like W.
+    * gb: :func:`sum_rows` of the whole gy.
     * gx: one batched product ``D[i, j] = G · W[:, i, j, :]`` gives a row-major
-      (N·Ho·Wo, C) block per kernel offset, each added onto a shifted window of the
+      (·, C/G) block per kernel offset, each added onto a shifted window of the
       (padded) input gradient: k² adds of whole contiguous blocks, no scatter.
     """
-    x_shape, X, W, stride, pad = cache
-    F, kh, kw, C = W.shape
-    G = gy.reshape(-1, F)
-    gW = gb = None
+    x, Xs, W, stride, pad, groups, n = cache
+    xp = get_array_module(gy)
+    F, kh, kw, Cg = W.shape
+    N, H, W_, C = x.shape
+    Ho, Wo, Fg = gy.shape[1], gy.shape[2], F // groups
+    gW = xp.zeros(W.shape, dtype=gy.dtype) if need_gW else None
+    gx = xp.zeros((N, H + 2 * pad, W_ + 2 * pad, C), dtype=gy.dtype) if need_gx else None
+    pieces = _operands(x, W, stride, pad, groups, n) if Xs is None else ((0, g, X) for g, X in enumerate(Xs))
+    for r, g, X in pieces:
+        f = slice(g * Fg, (g + 1) * Fg)
+        G = gy[r:r + n, :, :, f].reshape(-1, Fg)
+        if need_gW:
+            gW[f] += ((X.T @ G).T if X.flags.f_contiguous else G.T @ X).reshape(Fg, kh, kw, Cg)
+        if need_gx:
+            D = G @ W[f].transpose(1, 2, 0, 3)  # (kh, kw, F/G, C/G) weights -> (kh, kw, rows, C/G)
+            gx_piece = gx[r:r + n, :, :, g * Cg:(g + 1) * Cg]
+            for i in range(kh):
+                for j in range(kw):
+                    _window(gx_piece, i, j, Ho, Wo, stride)[...] += D[i, j].reshape(-1, Ho, Wo, Cg)
+            del D
+        del X  # before the next chunk's im2col
+    gb = None
     if need_gW:
-        gW = (X.T @ G).T.copy() if X.flags.f_contiguous else G.T @ X
-        gW = gW.reshape(W.shape)
         if M is not None:
             gW *= M
-        gb = sum_rows(G)
-    gx = None
-    if need_gx:
-        xp = get_array_module(gy)
-        N, H, W_, _ = x_shape
-        Ho, Wo = gy.shape[1:3]
-        gx = xp.zeros((N, H + 2 * pad, W_ + 2 * pad, C), dtype=gy.dtype)
-        D = G @ W.transpose(1, 2, 0, 3)  # (kh, kw, F, C) weights -> (kh, kw, N·Ho·Wo, C)
-        for i in range(kh):
-            for j in range(kw):
-                _window(gx, i, j, Ho, Wo, stride)[...] += D[i, j].reshape(N, Ho, Wo, C)
-        if pad:
-            gx = gx[:, pad:pad + H, pad:pad + W_, :]
+        gb = sum_rows(gy.reshape(-1, F))
+    if need_gx and pad:
+        gx = gx[:, pad:pad + H, pad:pad + W_, :]
     return gx, gW, gb
 
 
 # ----------------------------------------------------------------------------- pooling
-def maxpool2d_forward(x, k, stride):
+def maxpool2d_forward(x, k, stride, ceil=False):
     """:func:`sparsenet.layers.maxpool2d_forward` as a running maximum over k² strided slabs.
 
     ``y = max_o x[:, i_o::s, j_o::s, :]`` over the kernel offsets, one vectorised op each
-    (no im2col copy). No argmax is kept: the cache holds x and y, and the backward pass
-    finds the winners again by comparison, which is free at inference.
+    (no im2col copy), on x padded with −inf for ``ceil`` (:func:`sparsenet.layers.pool_pad`).
+    No argmax is kept: the cache holds x and y, and the backward pass finds the winners
+    again by comparison, which is free at inference.
     """
     xp = get_array_module(x)
-    N, H, W, C = x.shape
-    Ho, Wo = conv_output_size(H, k, stride, 0), conv_output_size(W, k, stride, 0)
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"max-pool window {k} larger than input {H}x{W}")
+    shape = x.shape
+    x, Ho, Wo = pool_pad(x, k, stride, ceil)
     y = _window(x, 0, 0, Ho, Wo, stride).copy()
     for o in range(1, k * k):
         xp.maximum(y, _window(x, o // k, o % k, Ho, Wo, stride), out=y)
-    return y, (x, y, k, stride)
+    return y, (x, y, k, stride, shape)
 
 
 def _keep_first(hits):
@@ -184,9 +218,9 @@ def maxpool2d_backward(gy, cache):
     is compared with ``y`` in one broadcast, and ``gx`` is one broadcast product; the
     offset-by-offset tie resolution (first offset in row-major order wins) runs only if
     some window has two maxima (more winners than windows). Otherwise the k² offsets are
-    handled one slab at a time.
+    handled one slab at a time. A ceil-padded x's gradient is cropped back to the input.
     """
-    x, y, k, stride = cache
+    x, y, k, stride, shape = cache
     xp = get_array_module(gy)
     N, Ho, Wo, C = gy.shape
     if k == stride:
@@ -196,13 +230,14 @@ def maxpool2d_backward(gy, cache):
             _keep_first([w[:, :, o // k, :, o % k] for o in range(k * k)])
         tiles = (w * gy[:, :, None, :, None, :]).reshape(N, Ho * k, Wo * k, C)
         if tiles.shape == x.shape:
-            return tiles
+            gx = tiles
+        else:
+            gx = xp.zeros(x.shape, dtype=gy.dtype)
+            gx[:, :Ho * k, :Wo * k] = tiles
+    else:
+        w = [_window(x, o // k, o % k, Ho, Wo, stride) == y for o in range(k * k)]
+        _keep_first(w)
         gx = xp.zeros(x.shape, dtype=gy.dtype)
-        gx[:, :Ho * k, :Wo * k] = tiles
-        return gx
-    w = [_window(x, o // k, o % k, Ho, Wo, stride) == y for o in range(k * k)]
-    _keep_first(w)
-    gx = xp.zeros(x.shape, dtype=gy.dtype)
-    for o in range(k * k):
-        _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * w[o]
-    return gx
+        for o in range(k * k):
+            _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * w[o]
+    return gx if gx.shape == shape else gx[:, :shape[1], :shape[2]]

@@ -19,7 +19,7 @@ from .util import SparsenetError, atomic_path
 # Filters built into every HDF5 (h5py alone reads the files): a checksum always; byte
 # shuffle + deflate (lossless) where ``compress`` asks for it (sparse streams).
 _CHECKSUM = {"fletcher32": True}
-_PACKED = {"fletcher32": True, "shuffle": True, "compression": "gzip", "compression_opts": 9}
+_PACKED = {"fletcher32": True, "shuffle": True, "compression": "gzip", "compression_opts": 6}  # 9: 16x slower, 0.4% smaller
 
 
 @contextlib.contextmanager

@@ -60,7 +60,8 @@ class SparseNetwork:
 
     ``mode``: ``"auto"`` picks dense or sparse per layer and call by :func:`prefer_sparse`; ``"dense"`` /
     ``"sparse"`` force one for every Linear/Conv2d. Each such layer keeps its dense matrix ``W₂`` (F, K) and
-    its CSR copy; other layers run their ordinary forward pass. Predictions equal the dense network's (the
+    its CSR copy (a grouped conv: the block-diagonal CSR over all C input channels, and run dense, its own
+    forward); other layers run their ordinary forward pass. Predictions equal the dense network's (the
     same products, summed in another order: logits agree to float32 rounding).
     """
 
@@ -71,10 +72,19 @@ class SparseNetwork:
         sp, self.mats = sparse_module(self.xp), {}
         for l in net.layers:
             if isinstance(l, L.Linear | L.Conv2d):
-                W2 = as_matrix(l.params["W"].data)
-                data, indices, indptr = csr_from_dense(asnumpy(W2))
-                csr = sp.csr_matrix(tuple(to_device(a, self.xp) for a in (data, indices, indptr)), shape=W2.shape)
-                self.mats[l.name] = (W2, csr, len(data) / W2.size if W2.size else 1.0)
+                W = asnumpy(l.params["W"].data)
+                if getattr(l, "groups", 1) > 1:  # block diagonal over the groups' channels (F, kh, kw, C)
+                    G, (F, kh, kw, Cg) = l.groups, W.shape
+                    full = numpy.zeros((F, kh, kw, Cg * G), numpy.float32)
+                    for g in range(G):
+                        full[g * F // G:(g + 1) * F // G, ..., g * Cg:(g + 1) * Cg] = W[g * F // G:(g + 1) * F // G]
+                    W = full
+                data, indices, indptr = csr_from_dense(as_matrix(W))
+                csr = sp.csr_matrix(tuple(to_device(a, self.xp) for a in (data, indices, indptr)),
+                                    shape=as_matrix(W).shape)
+                W2 = as_matrix(l.params["W"].data) if getattr(l, "groups", 1) == 1 else None  # dense: the layer's own
+                n = l.params["W"].size
+                self.mats[l.name] = (W2, csr, len(data) / n if n else 1.0, n)
 
     def plan(self, batch_size):
         """``{layer: "sparse" | "dense"}`` for a batch of ``batch_size`` inputs."""
@@ -89,16 +99,18 @@ class SparseNetwork:
     def _sparse(self, name, rows):
         if self.mode != "auto":
             return self.mode == "sparse"
-        W2, _, density = self.mats[name]
-        return prefer_sparse(density, rows, W2.size, self.xp)
+        _, _, density, n_weights = self.mats[name]
+        return prefer_sparse(density, rows, n_weights, self.xp)
 
     def forward(self, x):
-        """Logits for a batch ``x`` (N, *input_shape)."""
+        """Logits for a batch ``x`` (N, *input_shape); a grouped conv run dense is the layer's own forward."""
         for l in self.net.layers:
-            if l.name in self.mats:
+            W2, csr, *_ = self.mats.get(l.name, (None, None))
+            rows = len(x) * (math.prod(l.output_shape(x.shape[1:])[:2]) if l.kind == "conv2d" else 1)
+            if csr is not None and (self._sparse(l.name, rows) or W2 is not None):
                 X, shape = layer_operand(l, x)
-                W2, csr, _ = self.mats[l.name]
-                y = (sparse_matmul_t(csr, X) if self._sparse(l.name, X.shape[0]) else X @ W2.T) + l.params["b"].data
+                y = (sparse_matmul_t(csr, X) if W2 is None or self._sparse(l.name, rows) else X @ W2.T)
+                y += l.params["b"].data
                 x = y if shape is None else y.reshape(shape)
             else:
                 x = l.forward(x)

@@ -11,9 +11,10 @@ from . import layers as L
 from .backend import get_array_module
 from .util import SparsenetError, whole
 
-LAYER_KINDS = {cls.kind: cls for cls in (L.Linear, L.Conv2d, L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten)}
-_SETTINGS = {"linear": ("n_in", "n_out"), "conv2d": ("c_in", "c_out", "k", "stride", "pad"),
-             "maxpool2d": ("k", "stride"), "relu": (), "dropout": ("rate", "base_rate"), "flatten": ()}
+LAYER_KINDS = {cls.kind: cls for cls in (L.Linear, L.Conv2d, L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten, L.LRN)}
+_SETTINGS = {"linear": ("n_in", "n_out"), "conv2d": ("c_in", "c_out", "k", "stride", "pad", "groups"),
+             "maxpool2d": ("k", "stride", "ceil"), "relu": (), "dropout": ("rate", "base_rate"), "flatten": (),
+             "lrn": ("size", "alpha", "beta", "k")}
 MAX_PARAMS = 2**31  # entries in one network (8 GiB of float32): larger descriptions are refused
 
 
@@ -60,16 +61,30 @@ def check_spec(spec):
                 raise SparsenetError(f"{where}, expected an (H, W, C) image")
             H, W, C = shape
             if kind == "conv2d":
-                c_in, c_out = _whole(s, "c_in"), _whole(s, "c_out")
+                c_in, c_out, g = _whole(s, "c_in"), _whole(s, "c_out"), _whole({"groups": 1, **s}, "groups")
                 if C != c_in:
                     raise SparsenetError(f"{where}, expected {c_in} channels")
-                params.update({f"{name}.W": (c_out, k, k, c_in), f"{name}.b": (c_out,)})
+                if c_in % g or c_out % g:
+                    raise SparsenetError(f"layer {name!r}: {g} groups do not divide {c_in} inputs and {c_out} outputs")
+                params.update({f"{name}.W": (c_out, k, k, c_in // g), f"{name}.b": (c_out,)})
                 C = c_out
+            elif not isinstance(s.get("ceil", False), bool):
+                raise SparsenetError(f"layer {name!r}: ceil must be true or false")
             if min(H, W) + 2 * pad < k:
                 raise SparsenetError(f"{where}: the {k}x{k} window does not fit")
-            shape = ((H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1, C)
+            shape = (*(L.pool_output_size(n, k, stride, s.get("ceil")) if kind == "maxpool2d" else
+                       (n + 2 * pad - k) // stride + 1 for n in (H, W)), C)
         elif kind == "flatten":
             shape = (math.prod(shape),)
+        elif kind == "lrn":
+            if _whole({"size": 5, **s}, "size") % 2 == 0:
+                raise SparsenetError(f"layer {name!r}: the LRN size must be odd")
+            for key in ("alpha", "beta", "k"):
+                v = s.get(key, 1.0)
+                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                        or (key == "k" and v == 0)):
+                    raise SparsenetError(f"layer {name!r}: LRN {key} must be a finite number "
+                                         f"{'> 0' if key == 'k' else '>= 0'}, got {v!r}")
         elif kind == "dropout":
             for key in ("rate", "base_rate"):
                 v = s.get(key, 0.5)
@@ -88,6 +103,11 @@ def layer_from_spec(spec, rng=None, xp=numpy):
     spec = dict(spec)
     cls = LAYER_KINDS[spec.pop("kind")]
     return cls(**spec, rng=rng, xp=xp) if cls in (L.Linear, L.Conv2d) else cls(**spec)
+
+
+def inference_batch(input_shape):
+    """Images per inference batch: 1000 for MNIST, fewer for ImageNet-sized inputs (~40 MB of input a batch)."""
+    return max(1, min(1000, 10_000_000 // math.prod(input_shape)))
 
 
 def predict_batches(forward, x, batch_size):
@@ -181,8 +201,12 @@ class Network:
                 break
 
     def forward(self, x, train=False):
+        """Logits of ``x``; at inference (``train`` False) no layer keeps its cache, so memory holds
+        two activations at a time rather than all of them (VGG-16: ~64 MB an image)."""
         for l in self.layers:
             x = l.forward(x, train)
+            if not train:
+                l.cache = None
         return x
 
     def backward(self, gy):
@@ -202,14 +226,14 @@ class Network:
         self.backward(L.softmax_cross_entropy_backward(1.0, cache))
         return loss, z
 
-    def predict(self, x, batch_size=1000):
-        """Predicted class of every row of ``x`` (inference mode, batched)."""
-        y = predict_batches(self.forward, x, batch_size)
+    def predict(self, x, batch_size=None):
+        """Predicted class of every row of ``x`` (inference mode, batched: :func:`inference_batch`)."""
+        y = predict_batches(self.forward, x, batch_size or inference_batch(self.input_shape))
         for l in self.layers:
             l.cache = None
         return y
 
-    def error(self, x, t, batch_size=1000):
+    def error(self, x, t, batch_size=None):
         """Top-1 error (fraction) on ``(x, t)``."""
         if len(x) == 0:
             raise SparsenetError("cannot evaluate on an empty data set")
@@ -242,7 +266,48 @@ def lenet_5():
     ]
 
 
-MODELS = {"lenet-300-100": lenet_300_100, "lenet-5": lenet_5}
+def _conv(name, c_in, c_out, k, **kw):
+    return [{"kind": "conv2d", "name": f"conv{name}", "c_in": c_in, "c_out": c_out, "k": k, **kw},
+            {"kind": "relu", "name": f"relu{name}"}]
+
+
+def _classifier(n_in):
+    """fc6 → ReLU → dropout 0.5 → fc7 → ReLU → dropout 0.5 → fc8 (4096, 4096, 1000 units)."""
+    out = [{"kind": "flatten", "name": "flatten"}]
+    for i, (a, b) in enumerate(((n_in, 4096), (4096, 4096)), 6):
+        out += [{"kind": "linear", "name": f"fc{i}", "n_in": a, "n_out": b}, {"kind": "relu", "name": f"relu{i}"},
+                {"kind": "dropout", "name": f"drop{i}", "rate": 0.5}]
+    return out + [{"kind": "linear", "name": "fc8", "n_in": 4096, "n_out": 1000}]
+
+
+def alexnet():
+    """Caffe's bvlc_alexnet (60,965,224 parameters), input (227, 227, 3): conv 96@11×11/4 → LRN →
+    max-pool 3/2 → conv 256@5×5 pad 2 in 2 groups → LRN → pool → conv 384@3×3 → conv 384@3×3 g2 →
+    conv 256@3×3 g2 → pool → fc 9216→4096→4096→1000 with dropout 0.5. Pools round up as Caffe's do,
+    so a 224 input (the ONNX model zoo's) also reaches 6×6×256 before fc6."""
+    lrn = {"kind": "lrn", "size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0}
+    pool = {"kind": "maxpool2d", "k": 3, "stride": 2, "ceil": True}
+    return (227, 227, 3), [
+        *_conv(1, 3, 96, 11, stride=4), {**lrn, "name": "norm1"}, {**pool, "name": "pool1"},
+        *_conv(2, 96, 256, 5, pad=2, groups=2), {**lrn, "name": "norm2"}, {**pool, "name": "pool2"},
+        *_conv(3, 256, 384, 3, pad=1), *_conv(4, 384, 384, 3, pad=1, groups=2),
+        *_conv(5, 384, 256, 3, pad=1, groups=2), {**pool, "name": "pool5"}, *_classifier(9216)]
+
+
+def vgg_16():
+    """VGG-16 (138,357,544 parameters), input (224, 224, 3): 13 conv 3×3 pad 1 with ReLU in five
+    blocks of 64, 128, 256, 512, 512 channels, each block ending in a 2×2/2 max-pool, then fc
+    25088→4096→4096→1000 with dropout 0.5."""
+    layers, c_in = [], 3
+    for block, (width, n) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)), 1):
+        for i in range(1, n + 1):
+            layers += _conv(f"{block}_{i}", c_in, width, 3, pad=1)
+            c_in = width
+        layers.append({"kind": "maxpool2d", "name": f"pool{block}", "k": 2, "stride": 2})
+    return (224, 224, 3), layers + _classifier(25088)
+
+
+MODELS = {"lenet-300-100": lenet_300_100, "lenet-5": lenet_5, "alexnet": alexnet, "vgg-16": vgg_16}
 
 
 def build_network(spec, seed=0, xp=numpy):

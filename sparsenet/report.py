@@ -23,8 +23,9 @@ import numpy
 from . import layers as L
 from .backend import array_module, get_array_module
 from .checkpoint import load_checkpoint
-from .data import load_split
+from .data import test_arrays
 from .figures import plot_sensitivity
+from .model import inference_batch
 from .paper import LAYERS
 from .pruning import percentile_mask, prunable_layers
 from .util import SparsenetError, write_text_atomic
@@ -35,8 +36,10 @@ DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0, 0.05, ...,
 def macs_left(layer, S):
     """Multiplications of ``layer`` with a surviving weight and a non-zero input, summed over
     the samples; ``S`` (the layer's input shape): ``S[e]`` = samples whose entry ``e`` is non-zero."""
-    S = S.astype(numpy.int64)
-    per_weight = (layer.params["W"].mask != 0).sum(axis=0, dtype=numpy.int64)  # Σ over units
+    S, M = S.astype(numpy.int64), layer.params["W"].mask != 0
+    groups = getattr(layer, "groups", 1)  # group g's filters read input channels g·C/G … (g+1)·C/G − 1
+    per_weight = get_array_module(M).concatenate([m.sum(axis=0, dtype=numpy.int64)  # Σ over units
+                                                  for m in M.reshape(groups, -1, *M.shape[1:])], axis=-1)
     if isinstance(layer, L.Linear):
         return int((S * per_weight).sum())
     if isinstance(layer, L.Conv2d):
@@ -60,6 +63,7 @@ def _nonzero_counts(net, x, t, batch_size):
                 inputs.setdefault(l.name, (cur, a.shape[1:]))
                 cur = l.name
             a = l.forward(a, train=False)
+            l.cache = None
         S[cur] = S.get(cur, 0) + (a != 0).sum(axis=0, dtype=numpy.int64)
         if t is not None:
             wrong = wrong + (a.argmax(axis=1) != t[start:start + batch_size]).sum()
@@ -79,13 +83,13 @@ def _row(name, kind, weights, survivors, macs, left, nonzero, entries, n):
             "act_nonzero": nonzero, "act_entries": entries}
 
 
-def layer_report(net, x, batch_size=1000, *, t=None):
+def layer_report(net, x, batch_size=None, *, t=None):
     """The paper's per-layer table for ``net`` (only read) on the test inputs ``x``; with labels ``t``
     also the top-1 ``error``. Rows (``layers``, ``total``) give fractions and the raw counts behind them."""
     n = len(x)
     if n == 0:
         raise SparsenetError("cannot report on an empty data set")
-    counts, wrong = _nonzero_counts(net, x, t, batch_size)
+    counts, wrong = _nonzero_counts(net, x, t, batch_size or inference_batch(net.input_shape))
     rows = []
     for l in net.layers:
         if "W" not in l.params:
@@ -113,13 +117,14 @@ def _batched(layers, x, batch_size, fn):
         a = x[start:start + batch_size]
         for l in layers:
             a = l.forward(a, train=False)
+            l.cache = None
         out.append(fn(a, start))
     for l in layers:
         l.cache = None
     return get_array_module(x).concatenate(out)
 
 
-def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=1000):
+def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=None):
     """Test error with one layer pruned to each ratio, no retraining (the paper's Fig. 6): each layer
     alone gets ``percentile_mask(W, M, r)`` and is then restored bitwise. ``layers``: {name: [errors]}."""
     ratios = [float(r) for r in ratios]
@@ -132,6 +137,7 @@ def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=1000):
         raise SparsenetError(f"no prunable layer named {', '.join(unknown)} (prunable: {', '.join(allowed)})")
     if len(x) == 0:
         raise SparsenetError("cannot evaluate on an empty data set")
+    batch_size = batch_size or inference_batch(net.input_shape)
     baseline = net.error(x, t, batch_size)
     result = {"model": net.name, "samples": len(x), "ratios": ratios, "baseline": baseline, "layers": {}}
     for name in layers:
@@ -237,7 +243,7 @@ def _on_checkpoint(checkpoint, out, data_dir, device, stem, compute, markdown):
     xp = array_module(device)
     ck = load_checkpoint(checkpoint, xp)
     dataset = ck.config.get("dataset", "mnist")
-    x, t = load_split(dataset, ck.net.input_shape, xp, data_dir, split="test")["test"]
+    x, t = test_arrays(ck.config, ck.net, xp, data_dir)
     out = Path(out) if out is not None else Path(checkpoint).parent
     record = {"checkpoint": str(checkpoint), "dataset": dataset, **compute(ck.net, x, t, out)}
     record["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md"), *record.get("files", [])]

@@ -17,17 +17,20 @@ import numpy
 from . import __version__
 from .backend import array_module, blas_info, cpu_model, resolve_device
 from .checkpoint import load_checkpoint
-from .data import load_split
+from .data import load_split, test_arrays
 from .engine import Schedule, TrainConfig, prune_run, train
+from .model import build_model
 from .figures import plot_curves, plot_pattern, plot_sensitivity, plot_tradeoff
 from .paper import LAYERS, TABLE1
 from .report import format_markdown, layer_report, md_table, pct, sensitivity, sensitivity_table
+from . import pruning
 from .pruning import prunable_layers
-from .util import SparsenetError, eta, write_text_atomic
+from .util import SparsenetError, eta, whole, write_text_atomic
 
+PRETRAINED = ("alexnet", "vgg-16")  # experiments that start from imported ImageNet weights
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPRO_DIR = REPO_ROOT / "reproduce"
-CONFIG_KEYS = {"experiment", "description", "train", "prune", "sensitivity", "tradeoff", "bounds"}
+CONFIG_KEYS = {"experiment", "description", "train", "pretrained", "prune", "sensitivity", "tradeoff", "bounds"}
 
 
 def find_config(name):
@@ -45,10 +48,20 @@ def load_config(name):
         cfg = json.loads(path.read_text())
     except ValueError as e:
         raise SparsenetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or set(cfg) - CONFIG_KEYS or not {"experiment", "train", "prune"} <= set(cfg):
-        raise SparsenetError(f"{path}: an experiment needs 'experiment', 'train' and 'prune' "
+    if (not isinstance(cfg, dict) or set(cfg) - CONFIG_KEYS or not {"experiment", "prune"} <= set(cfg)
+            or ("train" in cfg) == ("pretrained" in cfg)):
+        raise SparsenetError(f"{path}: an experiment needs 'experiment', 'prune' and either 'train' or 'pretrained' "
                              f"(allowed keys: {', '.join(sorted(CONFIG_KEYS))})")
-    TrainConfig.from_dict(cfg["train"])
+    if "train" in cfg:
+        TrainConfig.from_dict(cfg["train"])
+    else:
+        pre = cfg["pretrained"]
+        if not isinstance(pre, dict) or pre.get("model") not in PRETRAINED or set(pre) - {"model", "data"} or set(
+                pre.get("data", {})) - {"train_subset", "test_subset"}:
+            raise SparsenetError(f"{path}: 'pretrained' needs a model ({', '.join(PRETRAINED)}) and optionally "
+                                 "data: train_subset, test_subset")
+        for k, v in pre.get("data", {}).items():
+            whole(v, f"{path}: {k}", 0)
     Schedule.from_dict(cfg["prune"])
     return cfg, path
 
@@ -140,10 +153,16 @@ def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True, s
 
 
 # ----------------------------------------------------------------------------- the run
-def reproduce(name, out=None, data_dir=None, device=None, progress=True):
-    """Run (or resume) an experiment; returns its metrics (as in ``metrics.json``, plus ``results_dir``)."""
+def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights=None, prune_only=False):
+    """Run (or resume) an experiment; returns its metrics (as in ``metrics.json``, plus ``results_dir``).
+    ImageNet experiments (``pretrained``) start from ``weights`` (:func:`reproduce_pretrained`)."""
     cfg, cfg_path = load_config(name)
     out = Path(out) if out is not None else Path("runs") / cfg["experiment"]  # never the committed results
+    if "pretrained" in cfg:
+        return reproduce_pretrained(cfg, cfg_path, out, weights, data_dir, device, progress, prune_only)
+    if weights is not None or prune_only:
+        raise SparsenetError(f"{cfg['experiment']} trains its network itself: --weights and --prune-only are for "
+                             f"the ImageNet experiments ({', '.join(PRETRAINED)})")
     work = out / "work"
     t_start, commit = time.time(), _git_commit()  # the code that runs this call (a resumed run may span several)
     timing = (_read(out / "metrics.json") if work.is_dir() else None) or {}  # a resumed run adds to its time, commits
@@ -214,17 +233,20 @@ def repo_path(path):
     return Path(os.path.relpath(Path(path).resolve(), REPO_ROOT)).as_posix()
 
 
-def _checks(bounds, rep):
-    """``bounds`` against the pruned net: max_test_error ≥ its error, min_compression ≤ its compression."""
-    values = {"max_test_error": rep["error"], "min_compression": rep["compression"]}
+def _checks(bounds, rep, dense_error=None):
+    """``bounds`` against the pruned net: max_test_error ≥ its error, min_compression ≤ its compression,
+    max_error_increase ≥ its error less the dense one's."""
+    values = {"max_test_error": rep["error"], "min_compression": rep["compression"],
+              "max_error_increase": None if dense_error is None or rep["error"] is None else rep["error"] - dense_error}
     return {k: {"bound": b, "value": values[k], "ok": values[k] <= b if k.startswith("max") else values[k] >= b}
-            for k, b in bounds.items() if k in values}
+            for k, b in bounds.items() if values.get(k) is not None}
 
 
 def format_check(key, c):
     """One check of report.md as value against bound: "test error 1.56% (bound ≤ 1.64%) ✓"."""
-    text = (f"test error {pct(c['value'], 2)} (bound ≤ {pct(c['bound'], 2)})" if key == "max_test_error"
-            else f"compression {c['value']:.1f}× (bound ≥ {c['bound']:g}×)")
+    text = {"max_test_error": f"test error {pct(c['value'], 2)} (bound ≤ {pct(c['bound'], 2)})",
+            "max_error_increase": f"error change {100 * c['value']:+.2f} points (bound ≤ {100 * c['bound']:+.2f})",
+            "min_compression": f"compression {c['value']:.1f}× (bound ≥ {c['bound']:g}×)"}[key]
     return text + (" ✓" if c["ok"] else " ✗ NOT MET")
 
 
@@ -279,5 +301,117 @@ def format_report(m, rep):
               f"sparsenet {pv['sparsenet']} at commit `{pv['commit']}`; Python {pv['python']}, NumPy {pv['numpy']}; "
               f"device {pv['device']} ({pv['machine']}; {pv.get('cpu')}; BLAS: {pv.get('blas')}); "
               f"finished {pv['finished']}.", "",
+              "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the ImageNet experiments
+def apply_plan(net, schedule):
+    """A schedule's pruning alone, no data and no retraining: each round's prune, §3.2's dropout
+    rates and §3.5's dead neurons (the parameter counts of a plan, before ImageNet is at hand)."""
+    for r in schedule.rounds:
+        pruning.prune(net, r["criterion"], r["amount"])
+        pruning.adjust_dropout(net)
+        if r["remove_neurons"]:
+            pruning.remove_dead_neurons(net)
+    return net
+
+
+def reproduce_pretrained(cfg, cfg_path, out, weights, data_dir=None, device=None, progress=True, prune_only=False):
+    """AlexNet / VGG-16: import trained ``weights`` (:mod:`sparsenet.pretrained`), measure top-1/top-5 on the
+    ImageNet validation set, run the paper's plan (``prune``: FC and conv layers pruned and retrained in turn,
+    the other part frozen), then the per-layer table beside the paper's and the sparse file sizes. With
+    ``prune_only`` the plan's pruning is applied without data or retraining (counts and sizes only)."""
+    from .engine import evaluate
+    from .checkpoint import save_checkpoint
+    from .modelfile import export_sizes
+    from .pretrained import file_sha256, import_weights
+
+    model, work, t_start, commit = cfg["pretrained"]["model"], out / "work", time.time(), _git_commit()
+    sched, xp, kw = Schedule.from_dict(cfg["prune"]), array_module(device), dict(data_dir=data_dir, device=device,
+                                                                                 progress=progress)
+    dense_dir, pruned_dir = work / "dense", work / ("plan" if prune_only else "pruned")
+    dense_ck, seconds = dense_dir / "checkpoint.h5", {}
+    if prune_only:  # nothing kept: the trained weights, or without them Caffe's initial ones (counts are the same)
+        t0 = time.perf_counter()
+        net = apply_plan(import_weights(weights, model)[0] if weights else build_model(model, xp=xp), sched)
+        dense_rep = rep = {"error": None, "top5_error": None}
+        seconds["plan"] = round(time.perf_counter() - t0, 1)
+    elif not dense_ck.exists():
+        if weights is None:
+            raise SparsenetError(f"{cfg['experiment']} starts from trained weights: give --weights FILE (the ONNX model "
+                                 "zoo's bvlcalexnet/vgg16 .onnx, or torchvision/timm VGG-16 .safetensors)")
+        net, info = import_weights(weights, model)
+        save_checkpoint(dense_ck, net, config={"model": model, "dataset": "imagenet", "preprocess": info["preprocess"],
+                                               "imported": info, **cfg["pretrained"].get("data", {})})
+    elif weights is not None and load_checkpoint(dense_ck).config.get("imported", {}).get("sha256") != file_sha256(
+            weights):
+        raise SparsenetError(f"{dense_ck} was imported from other weights than {weights}; delete {out} "
+                             "(or use --out) to start again")
+    if not prune_only:
+        dense_eval = _read(dense_dir / "eval.json")
+        if dense_eval is None:
+            dense_eval, = _stage(progress, "dense network", [("top-1/top-5 on the validation set", 1, lambda: evaluate(
+                dense_ck, data_dir, device))], seconds, "dense")
+            write_text_atomic(dense_dir / "eval.json", json.dumps(dense_eval) + "\n")
+        log, = _stage(progress, "iterative pruning", [(f"{len(sched.rounds)} rounds in {pruned_dir}", 1, lambda: _resumed(
+            partial(prune_run, dense_ck), pruned_dir, sched, **kw), pruned_dir, sched)], seconds, "prune")
+        net = load_checkpoint(pruned_dir / "checkpoint.h5", xp).net
+        dense_rep = {"error": dense_eval["test_error"], "top5_error": dense_eval.get("top5_error")}
+        rep = {"error": log[-1]["test_error"], "top5_error": log[-1].get("top5_error")}
+    x = None if prune_only else test_arrays(load_checkpoint(dense_ck).config, net, xp, data_dir, 256)[0]
+    rep = {**layer_report(net, x if x is not None else xp.zeros((1, *net.input_shape), dtype="float32")), **rep}
+    t0 = time.perf_counter()
+    sizes = export_sizes(net)
+    seconds["export"] = round(time.perf_counter() - t0, 1)
+    paper = TABLE1[model]
+    metrics = {
+        "experiment": cfg["experiment"], "config": repo_path(cfg_path), "results": repo_path(out), "model": model,
+        "dataset": "imagenet", "prune_only": prune_only, "dense": dense_rep,
+        "pruned": {"test_error": rep["error"], "top5_error": rep["top5_error"],
+                   **{k: rep[k] for k in ("params", "nonzero_params", "compression")},
+                   "weights_left": {r["name"]: r["weights_left"] for r in rep["layers"]}},
+        "report": {k: rep[k] for k in ("layers", "total")}, "file_bytes": sizes,
+        "dense_over_relative": round(sizes["dense"] / sizes["relative"], 2), "paper": paper,
+        "checks": _checks(cfg.get("bounds", {}), rep, dense_rep["error"]),
+        "provenance": {"sparsenet": __version__, "commit": commit, "weights": str(weights) if weights else "none (Caffe's initial fill, seed 0)",
+                       "python": platform.python_version(), "numpy": numpy.__version__,
+                       "device": resolve_device(device), "cpu": cpu_model(), "blas": blas_info(),
+                       "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
+        "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "report.md", format_pretrained_report(metrics, rep, x is not None))
+    if progress:
+        print(f"[reproduce] wrote {out / 'report.md'} ({time.time() - t_start:.0f} s this call)", file=sys.stderr)
+    return {**metrics, "results_dir": str(out)}
+
+
+def format_pretrained_report(m, rep, measured):
+    """report.md of an ImageNet experiment: Table 1 row (top-1/top-5), per-layer table beside the paper's, sizes."""
+    p, pr, d2 = m["paper"], m["pruned"], lambda v: pct(v, 2)
+    ours = [f"{d2(m['dense']['error'])} / {d2(m['dense']['top5_error'])}", f"{d2(pr['test_error'])} / "
+            f"{d2(pr['top5_error'])}"] if measured else ["-", "-"]
+    lines = [f"# Reproduction: {m['experiment']} ({m['model']} on ImageNet)", "",
+             "Pruning plan applied without data or retraining (--prune-only): counts and sizes only." * m["prune_only"],
+             "", "## Table 1: error (top-1 / top-5) and parameters", "",
+             md_table(["", "error before", "error after", "params before", "params after", "compression"], [
+                 ["**sparsenet**", *ours, f"{pr['params']:,}", f"{pr['nonzero_params']:,}", f"{pr['compression']:.1f}×"],
+                 ["paper", f"{d2(p['error_before'])} / {d2(p['top5_before'])}",
+                  f"{d2(p['error_after'])} / {d2(p['top5_after'])}", f"{p['params_before'] / 1e6:g}M",
+                  f"{p['params_after'] / 1e6:g}M", f"{p['compression']}×"]]), ""]
+    if m["checks"]:
+        lines += ["**Checks:** " + "; ".join(format_check(k, c) for k, c in m["checks"].items()) + ".", ""]
+    layers = LAYERS[m["model"]]
+    table = format_markdown(rep, layers).splitlines()[2:] if measured else [md_table(
+        ["layer", "weights", "weights% left", "paper weights% left"],
+        [[r["name"], f"{r['weights']:,}", pct(r["weights_left"]), pct(layers["rows"].get(r["name"], {}).get(
+            "weights_left"))] for r in rep["layers"] + [rep["total"]]]), "",
+        "(act% and FLOP% left need validation images: run without --prune-only.)"]
+    lines += [f"## Per-layer table (the paper's Table {layers['table']})", "", *table, "", "## Storage", "", f"Model files of the pruned network: dense float32 (masks bit-packed) {m['file_bytes']['dense']:,} B, CSR "
+              f"{m['file_bytes']['csr']:,} B, relative indices {m['file_bytes']['relative']:,} B: "
+              f"**{m['dense_over_relative']:.1f}×** smaller than dense.", "", "## Provenance", "",
+              f"Config `{m['config']}`; sparsenet {m['provenance']['sparsenet']} at commit `{m['provenance']['commit']}`; "
+              f"weights `{m['provenance']['weights']}`; device {m['provenance']['device']}; "
+              f"finished {m['provenance']['finished']}.", "",
               "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()) + ".", ""]
     return "\n".join(lines)

@@ -5,6 +5,8 @@ families sum in other orders) and exactly where no sum is reordered (im2col, max
 including the tie rule: the first maximum of a window in row-major order wins). Every
 test runs once per array module (``xp`` fixture: numpy, and cupy when a GPU is present).
 """
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -81,6 +83,30 @@ def test_conv2d_plain_equals_fast(xp, c, stride, pad, n, h, w, f, k, masked, nee
                       F.conv2d_backward(gy, cache_fast, M, need_gx, need_gW))
 
 
+@given(groups=st.sampled_from([1, 2, 3]), cg=st.integers(1, 2), fg=st.integers(1, 2), n=st.integers(1, 3),
+       h=st.integers(1, 7), w=st.integers(1, 7), k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 1),
+       chunk=st.integers(0, 2), masked=st.booleans(), need_gx=st.booleans(), need_gW=st.booleans(), seed=SEEDS)
+def test_grouped_chunked_conv2d_plain_equals_fast(xp, groups, cg, fg, n, h, w, k, stride, pad, chunk, masked,
+                                                  need_gx, need_gW, seed):
+    """Grouped convolutions, and the fast kernel run `chunk` images at a time (0: the whole batch)."""
+    assume(h + 2 * pad >= k and w + 2 * pad >= k)
+    rng = np.random.default_rng(seed)
+    c, f = groups * cg, groups * fg
+    M = random_mask(xp, rng, (f, k, k, cg)) if masked else None
+    x, W, b = randn(xp, rng, n, h, w, c), randn(xp, rng, f, k, k, cg), randn(xp, rng, f)
+    if masked:
+        W = W * M
+    y, cache = L.conv2d_forward(x, W, b, stride, pad, groups)
+    per_image = L.conv_output_size(h, k, stride, pad) * L.conv_output_size(w, k, stride, pad) * k * k * c * 8
+    with mock.patch.object(F, "WORKSPACE", chunk * per_image if chunk else F.WORKSPACE):
+        y_fast, cache_fast = F.conv2d_forward(x, W, b, stride, pad, groups)
+        gy = randn(xp, rng, *y.shape)
+        grads_fast = F.conv2d_backward(gy, cache_fast, M, need_gx, need_gW)
+    assert y.shape == y_fast.shape
+    np.testing.assert_allclose(asnumpy(y), asnumpy(y_fast), **TOL)
+    assert_same_grads(L.conv2d_backward(gy, cache, M, need_gx, need_gW), grads_fast)
+
+
 def test_sum_rows(xp):
     G = randn(xp, np.random.default_rng(0), 37, 5)
     np.testing.assert_allclose(asnumpy(F.sum_rows(G)), asnumpy(G).sum(axis=0), **TOL)
@@ -94,16 +120,16 @@ def test_sum_rows(xp):
     (1, 1),           # identity
 ])
 @given(n=st.integers(1, 2), h=st.integers(1, 10), w=st.integers(1, 10), c=st.integers(1, 3), ties=st.booleans(),
-       seed=SEEDS)
-def test_maxpool_plain_equals_fast(xp, k, stride, n, h, w, c, ties, seed):
+       ceil=st.booleans(), seed=SEEDS)
+def test_maxpool_plain_equals_fast(xp, k, stride, n, h, w, c, ties, ceil, seed):
     assume(h >= k and w >= k)
     rng = np.random.default_rng(seed)
     shape = (n, h, w, c)
     # integer values in {0, 1, 2}: most windows have several maxima, both must pick the first
     x = xp.asarray(rng.integers(0, 3, shape).astype(np.float64) if ties else rng.standard_normal(shape))
-    y, cache = L.maxpool2d_forward(x, k, stride)
-    y_fast, cache_fast = F.maxpool2d_forward(x, k, stride)
-    assert y.shape == y_fast.shape == (n, (h - k) // stride + 1, (w - k) // stride + 1, c)
+    y, cache = L.maxpool2d_forward(x, k, stride, ceil)
+    y_fast, cache_fast = F.maxpool2d_forward(x, k, stride, ceil)
+    assert y.shape == y_fast.shape == (n, L.pool_output_size(h, k, stride, ceil), L.pool_output_size(w, k, stride, ceil), c)
     np.testing.assert_array_equal(asnumpy(y), asnumpy(y_fast))
 
     gy = randn(xp, rng, *y.shape)
@@ -115,7 +141,10 @@ def test_maxpool_plain_equals_fast(xp, k, stride, n, h, w, c, ties, seed):
 def test_both_reject_bad_shapes(xp):
     W, b = xp.zeros((2, 3, 3, 2)), xp.zeros(2)
     for module in (L, F):
-        with pytest.raises(ValueError):
-            module.conv2d_forward(xp.zeros((1, 5, 5, 3)), W, b)
-        with pytest.raises(ValueError):
-            module.maxpool2d_forward(xp.zeros((1, 2, 5, 1)), 3, 1)
+        for x, groups in [(xp.zeros((1, 5, 5, 3)), 1), (xp.zeros((1, 5, 5, 2)), 2), (xp.zeros((1, 5, 5, 6)), 3),
+                          (xp.zeros((1, 2, 5, 2)), 1)]:  # channels, F not divisible by groups, kernel too large
+            with pytest.raises(ValueError):
+                module.conv2d_forward(x, W, b, groups=groups)
+        for ceil in (False, True):
+            with pytest.raises(ValueError):
+                module.maxpool2d_forward(xp.zeros((1, 2, 5, 1)), 3, 1, ceil)

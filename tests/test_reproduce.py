@@ -105,11 +105,11 @@ def test_experiments_and_errors(tmp_path, capsys):
     assert {"lenet-300-100", "lenet-5", "lenet-300-100-ci", "lenet-5-ci"} <= names
     for n in names:
         load_config(n)  # every committed config is valid
-    with pytest.raises(SparsenetError, match="no experiment 'alexnet'"):
-        find_config("alexnet")
+    with pytest.raises(SparsenetError, match="no experiment 'googlenet'"):
+        find_config("googlenet")
     (tmp_path / "bad.json").write_text('{"experiment": "x"}')
     assert cli.main(["reproduce", str(tmp_path / "bad.json")]) == 2
-    assert "needs 'experiment', 'train' and 'prune'" in capsys.readouterr().err
+    assert "needs 'experiment', 'prune' and either 'train' or 'pretrained'" in capsys.readouterr().err
 
 
 def test_paths_and_checks_read_as_bound_and_value():
