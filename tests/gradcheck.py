@@ -70,3 +70,28 @@ def distinct_values(rng, shape):
     n = math.prod(shape)
     v = rng.permutation(n) * 0.1 - 0.05 * n + rng.uniform(-1e-3, 1e-3, n)
     return v.reshape(shape)
+
+
+def assert_stack_gradients(xp, layers, x, R, rng, keep=0.7):
+    """A stack of layer classes in float64, each prunable weight pruned at random (``keep``):
+    with ``L = Σ out ⊙ R``, dL/dx and every parameter's gradient (masked) against finite differences."""
+    params = {f"{layer.name}.{k}": p for layer in layers for k, p in layer.params.items()}
+    for p in params.values():
+        p.cast(np.float64)
+        if p.prunable:
+            p.prune(xp.asarray(rng.random(p.data.shape) < keep))
+
+    def f():
+        h = x
+        for layer in layers:
+            h = layer.forward(h, train=True)
+        return xp.sum(h * R)
+
+    f()
+    g = R
+    for layer in reversed(layers):
+        g = layer.backward(g)
+    assert_grad(g, numerical_grad(f, x))
+    for name, p in params.items():
+        assert p.grad.dtype == np.float64, name
+        assert_grad(p.grad, numerical_grad(f, p.data) * asnumpy(p.mask))

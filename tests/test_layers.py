@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from sparsenet import layers as L
 from sparsenet.backend import asnumpy
 
-from gradcheck import assert_grad, distinct_values, numerical_grad, randn, random_mask, rel_err  # noqa: F401
+from gradcheck import (assert_grad, assert_stack_gradients, distinct_values, numerical_grad, randn, random_mask,  # noqa: F401
+                       rel_err)
 
 SEEDS = st.integers(0, 2**32 - 1)
 
@@ -310,29 +311,8 @@ def test_layer_classes_gradients(xp, seed):
         L.Flatten("flatten"), L.Linear("fc1", 4, 5, rng=rng, xp=xp), L.ReLU("relu2"),
         L.Linear("fc2", 5, 3, rng=rng, xp=xp),
     ]
-    params = {f"{layer.name}.{k}": p for layer in net for k, p in layer.params.items()}
-    for p in params.values():
-        p.cast(np.float64)
-        if p.prunable:
-            p.prune(xp.asarray(rng.random(p.data.shape) < 0.7))
     x = randn(xp, rng, 2, 14, 14, 1)  # 14 -> conv1 14 -> pool1 7 -> conv2 3 -> pool2 1
-    R = randn(xp, rng, 2, 3)
-
-    def f():
-        h = x
-        for layer in net:
-            h = layer.forward(h, train=True)
-        return xp.sum(h * R)
-
-    f()
-    g = R
-    for layer in reversed(net):
-        g = layer.backward(g)
-    assert_grad(g, numerical_grad(f, x))
-    for name, p in params.items():
-        num = numerical_grad(f, p.data) * asnumpy(p.mask)
-        assert p.grad.dtype == np.float64, name
-        assert_grad(p.grad, num)
+    assert_stack_gradients(xp, net, x, randn(xp, rng, 2, 3), rng)
 
 
 # ----------------------------------------------------------------------------- relu

@@ -15,7 +15,7 @@ from sparsenet import fast_layers as F
 from sparsenet import layers as L
 from sparsenet.backend import asnumpy
 
-from gradcheck import assert_grad, distinct_values, numerical_grad, randn, random_mask
+from gradcheck import assert_grad, assert_stack_gradients, distinct_values, numerical_grad, randn, random_mask
 
 SEEDS = st.integers(0, 2**32 - 1)
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -228,23 +228,4 @@ def test_alexnet_like_classes_gradients(xp, monkeypatch):
         L.Conv2d("conv2", 4, 6, 2, groups=2, rng=rng, xp=xp), L.MaxPool2d("pool2", 2, 2, ceil=True),  # 3 -> 2 -> 1
         L.Flatten("flatten"), L.Linear("fc", 6, 3, rng=rng, xp=xp),
     ]
-    params = {f"{layer.name}.{key}": p for layer in net for key, p in layer.params.items()}
-    for p in params.values():
-        p.cast(np.float64)
-        if p.prunable:
-            p.prune(xp.asarray(rng.random(p.data.shape) < 0.7))
-    x, R = randn(xp, rng, 2, 6, 6, 4), randn(xp, rng, 2, 3)
-
-    def f():
-        h = x
-        for layer in net:
-            h = layer.forward(h, train=True)
-        return xp.sum(h * R)
-
-    f()
-    g = R
-    for layer in reversed(net):
-        g = layer.backward(g)
-    assert_grad(g, numerical_grad(f, x))
-    for name, p in params.items():
-        assert_grad(p.grad, numerical_grad(f, p.data) * asnumpy(p.mask))
+    assert_stack_gradients(xp, net, randn(xp, rng, 2, 6, 6, 4), randn(xp, rng, 2, 3), rng)
