@@ -11,12 +11,21 @@ Layout (readable with h5py alone; the container is :mod:`sparsenet.h5io`)::
     /params/<layer.param>   float32 values, pruned entries exactly 0
     /masks/<layer.param>    uint8, 1 = connection kept, 0 = pruned
     /velocity/<layer.param> float32 momentum (absent for a bare model)
+    /codebooks/<layer.param>          float32 (K,), K ≤ 256: the shared values of a shared parameter
+    /codes/<layer.param>              uint8, the value's shape: each weight's index into its codebook
+                                      (0 where pruned); value = codebook[codes] ⊙ mask exactly
+    /codebook_velocity/<layer.param>  float32 (K,): the codebook's momentum (with an optimiser)
     /log                    optional, uint8: the run's log as JSON lines (UTF-8)
+
+The three shared-value groups (weight sharing, :mod:`sparsenet.quantise`) are optional and
+hold only shared parameters, so the version stays 1: files without them load as before, and
+a reader that predates them loads a shared network's values as plain (unshared) weights.
 
 The run engine keeps its state in ``config`` and its log in ``/log``: one rename commits
 both. Loading checks the description (:func:`sparsenet.model.check_spec`) and each stored
-shape against it before building anything, then finite values and the pruning rule (a
-file breaking it is rejected, never repaired); errors are one line naming the file.
+shape against it before building anything, then finite values, the pruning rule and the
+sharing rule (:mod:`sparsenet.param`; a file breaking one is rejected, never repaired);
+errors are one line naming the file.
 """
 import json
 from pathlib import Path
@@ -50,6 +59,14 @@ def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None, l
                 v = p.state.get("momentum")
                 h5io.write_dataset(f, f"velocity/{name}",
                                    asnumpy(v) if v is not None else numpy.zeros_like(asnumpy(p.data)))
+            if p.codebook is not None:
+                c = asnumpy(p.codebook)
+                h5io.write_dataset(f, f"codebooks/{name}", c)
+                h5io.write_dataset(f, f"codes/{name}", asnumpy(p.codes))
+                if optimizer is not None:
+                    v = p.codebook_state.get("momentum")
+                    h5io.write_dataset(f, f"codebook_velocity/{name}",
+                                       asnumpy(v) if v is not None else numpy.zeros_like(c))
         if log is not None:
             text = "".join(json.dumps(r) + "\n" for r in log).encode()
             h5io.write_dataset(f, "log", numpy.frombuffer(text, dtype=numpy.uint8), compress=True)
@@ -109,8 +126,16 @@ def load_checkpoint(path, xp=numpy):
             if opt_state is not None:
                 state["momentum"] = to_device(
                     h5io.read_array(f, f"velocity/{name}", path, p.data.shape, kinds="f").astype(numpy.float32), xp)
+            shared = {}
+            if f"codebooks/{name}" in f or f"codes/{name}" in f:
+                c = h5io.read_array(f, f"codebooks/{name}", path, kinds="f").astype(numpy.float32)
+                shared = {"codebook": to_device(c, xp), "codes": to_device(
+                    h5io.read_array(f, f"codes/{name}", path, p.data.shape, kinds="u"), xp)}
+                if opt_state is not None:
+                    shared["codebook_state"] = {"momentum": to_device(h5io.read_array(
+                        f, f"codebook_velocity/{name}", path, kinds="f").astype(numpy.float32), xp)}
             try:
-                p.load(to_device(W, xp), to_device(M.astype(numpy.float32), xp), state)
+                p.load(to_device(W, xp), to_device(M.astype(numpy.float32), xp), state, **shared)
             except SparsenetError as e:
                 raise SparsenetError(f"{path}: {name}: {e}") from None
         if "dropout_rng" in f.attrs and isinstance(net.dropout_rng, numpy.random.Generator):

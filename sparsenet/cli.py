@@ -53,7 +53,7 @@ def build_parser():
 
     from . import __version__
     from .data import ALL_DATASETS, DATASETS
-    from .engine import RETRAIN_DEFAULTS, TrainConfig
+    from .engine import QUANTISE_DEFAULTS, RETRAIN_DEFAULTS, TrainConfig
     from .modelfile import ENCODINGS
     from .pruning import CRITERIA
 
@@ -98,6 +98,23 @@ def build_parser():
     p.add_argument("--keep-dead-neurons", action="store_true", help="do not remove dead neurons (§3.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the retraining data order")
     _add_optim(p, RETRAIN_DEFAULTS)
+
+    p = sub.add_parser("quantise", help="Deep Compression: share each pruned layer's weights (k-means) and "
+                                        "fine-tune the shared values",
+                       description="Cluster each pruned layer's surviving weights into 2**bits shared values (k-means, "
+                                   "linear initialisation), then retrain the codebooks (each shared value moves by the "
+                                   "sum of its weights' gradients). Pruned connections stay pruned. Export the result "
+                                   "with `sparsenet export CK OUT.h5 --format compressed` (Huffman-coded).")
+    p.add_argument("checkpoint", nargs="?", help="pruned checkpoint (not needed with --resume)")
+    p.add_argument("--out", required=True, help="run directory (schedule.json, log.jsonl, checkpoint.h5)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--bits", default=None, help="bits per layer: a number, or fc1=6,fc2=6,default=5 (default: "
+                                                "8 for conv and 5 for FC layers, Deep Compression's choice)")
+    p.add_argument("--epochs", type=int, default=QUANTISE_DEFAULTS["epochs"],
+                   help=f"codebook fine-tuning epochs (default {QUANTISE_DEFAULTS['epochs']})")
+    p.add_argument("--batch-size", type=int, default=RETRAIN_DEFAULTS["batch_size"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning data order")
+    _add_optim(p, {**RETRAIN_DEFAULTS, **QUANTISE_DEFAULTS})
 
     p = sub.add_parser("report", help="per-layer table: weights, FLOP, act%%, weights%% and FLOP%% left (Tables 2-3)")
     p.add_argument("checkpoint")
@@ -190,13 +207,14 @@ def cmd_eval(a):
           f"{100 * r['test_error']:.2f}%  params {r['params']:,} (non-zero {r['nonzero_params']:,})")
 
 
-def parse_amount(text):
-    """``"0.9"`` -> 0.9; ``"fc1=0.92,fc2=0.9,default=0.8"`` -> dict of layer -> number."""
+def parse_amount(text, option="--amount"):
+    """``"0.9"`` -> 0.9; ``"fc1=0.92,fc2=0.9,default=0.8"`` -> dict of layer -> number (whole numbers as int)."""
+    def num(v):
+        return int(v) if v.strip().isdigit() else float(v)
     try:
-        return float(text) if "=" not in text else {k.strip(): float(v)
-                                                    for k, v in (i.split("=") for i in text.split(","))}
+        return num(text) if "=" not in text else {k.strip(): num(v) for k, v in (i.split("=") for i in text.split(","))}
     except ValueError:
-        raise SparsenetError(f"--amount {text!r}: expected a number or layer=number,... pairs") from None
+        raise SparsenetError(f"{option} {text!r}: expected a number or layer=number,... pairs") from None
 
 
 def cmd_prune(a):
@@ -218,6 +236,24 @@ def cmd_prune(a):
     r = log[-1]
     print(f"{a.out}: test error {100 * r['test_error']:.2f}%, {r['nonzero_params']:,} of {r['params']:,} "
           f"parameters left ({r['compression']:.1f}x fewer)")
+
+
+def cmd_quantise(a):
+    from .engine import Schedule, prune_run
+
+    schedule = None
+    if not a.resume:
+        if a.checkpoint is None:
+            raise SparsenetError("quantise needs a CHECKPOINT to start from (or --resume)")
+        bits = parse_amount(a.bits, "--bits") if a.bits else "auto"
+        schedule = Schedule.from_dict({"seed": a.seed, "rounds": [{
+            "quantise": bits, "epochs": a.epochs, "batch_size": a.batch_size, "remove_neurons": False,
+            **{k: getattr(a, k) for k in SETTINGS}}]})
+    log = prune_run(a.checkpoint, a.out, schedule, resume=a.resume, data_dir=a.data_dir, device=a.device,
+                    progress=not a.no_progress)
+    r = log[-1]
+    print(f"{a.out}: test error {100 * r['test_error']:.2f}%, {r['nonzero_params']:,} of {r['params']:,} parameters "
+          f"left, shared values per layer {next(x['shared'] for x in log if x.get('event') == 'quantise')}")
 
 
 def _refuse_overwrite(a, *names):
@@ -335,8 +371,9 @@ def cmd_export(a):
          f"{w['relative_overhead_pct']:.1f}%", f"{w['ratio_csr']:.1f}", f"{w['ratio_relative']:.1f}"]
         for w in r["layers"] + [r["total"]]]))
     sizes = r["file_bytes"]
+    best = "compressed" if "compressed" in sizes else "relative"
     print("on disk: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items())
-          + (f"  (dense/relative {sizes['dense'] / sizes['relative']:.2f}x)" if len(sizes) == 3 else f"  -> {a.out}"))
+          + (f"  (dense/{best} {sizes['dense'] / sizes[best]:.2f}x)" if a.report else f"  -> {a.out}"))
 
 
 def cmd_predict(a):
@@ -368,7 +405,7 @@ def cmd_predict(a):
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
             "report": cmd_report, "sensitivity": cmd_sensitivity, "export": cmd_export, "predict": cmd_predict,
-            "import": cmd_import}
+            "import": cmd_import, "quantise": cmd_quantise}
 
 
 def main(argv=None):
@@ -381,7 +418,7 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         msg = "sparsenet: interrupted"
-        if a.command in ("train", "prune"):
+        if a.command in ("train", "prune", "quantise"):
             msg += f"; the last finished epoch is saved, continue with: sparsenet {a.command} --out {a.out} --resume"
         elif a.command == "reproduce":
             msg += "; run the same command again to continue where it stopped"

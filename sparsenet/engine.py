@@ -38,7 +38,9 @@ from .util import SparsenetError, eta, progress_bar, whole, write_text_atomic
 RETRAIN_DEFAULTS = {"epochs": 4, "lr": 0.02, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": 1876,
                     "momentum": 0.9, "weight_decay": 5e-4, "l1": 0.0, "batch_size": 64, "freeze": [],
                     "remove_neurons": True}
-ROUND_KEYS = {"criterion", "amount"} | set(RETRAIN_DEFAULTS)
+# Codebook fine-tuning (sparsenet quantise): a shared value moves by the sum of its weights' gradients.
+QUANTISE_DEFAULTS = {"epochs": 2, "lr": 0.001, "lr_policy": "fixed"}
+ROUND_KEYS = {"criterion", "amount", "quantise"} | set(RETRAIN_DEFAULTS)  # quantise: bits per layer (Deep Compression)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -115,7 +117,8 @@ class Schedule:
                 raise SparsenetError(f"round {i} of the schedule is not an object")
             if set(r) - ROUND_KEYS:
                 raise SparsenetError(f"round {i}: unknown keys {', '.join(sorted(set(r) - ROUND_KEYS))}")
-            out.append(_check_round({"criterion": "quality", "amount": 1.0, **RETRAIN_DEFAULTS, **retrain, **r}, i))
+            prune = {} if "quantise" in r else {"criterion": "quality", "amount": 1.0}  # a quantise round: no prune
+            out.append(_check_round({"criterion": None, "amount": None, **prune, **RETRAIN_DEFAULTS, **retrain, **r}, i))
         return cls(out, whole(d.get("seed", 0), "schedule seed", 0))
 
     def to_dict(self):
@@ -123,7 +126,8 @@ class Schedule:
 
     @property
     def prunes(self):
-        return any(r["criterion"] is not None for r in self.rounds)
+        """Whether any round prunes or quantises (a compression run, not dense training)."""
+        return any(r["criterion"] is not None or r.get("quantise") is not None for r in self.rounds)
 
 
 def _check_round(r, i):
@@ -295,11 +299,15 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
         state = {"round": 0, "stage": "prune", "epoch": 0, "iteration": 0, "schedule": schedule.to_dict()}
         log, rng = [], numpy.random.default_rng(schedule.seed)
     for i, r in enumerate(schedule.rounds, 1):  # the whole schedule is checked now, not at round 5
-        if r["criterion"] is not None:
-            try:
+        try:
+            if r["criterion"] is not None:
                 pruning.check_amount(net, r["criterion"], r["amount"])
-            except SparsenetError as e:
-                raise SparsenetError(f"round {i}: {e}" if len(schedule.rounds) > 1 else str(e)) from None
+            if r.get("quantise") is not None:
+                from .quantise import check_bits
+
+                check_bits(net, r["quantise"])
+        except SparsenetError as e:
+            raise SparsenetError(f"round {i}: {e}" if len(schedule.rounds) > 1 else str(e)) from None
         net.freeze(r["freeze"])
     net.freeze(())
     data = open_splits(base_config, net, xp, data_dir)
@@ -340,9 +348,16 @@ def _round(R, opt, train_data, test_data):
             R.record({"event": "prune", "round": k + 1, "criterion": r["criterion"], "amount": r["amount"],
                       **_totals(net), "dropout": rates, **test_errors(net, test_data),
                       "seconds": round(time.perf_counter() - t0, 3)})
+        if r.get("quantise") is not None:  # Deep Compression: weight sharing, then the codebooks fine-tuned
+            from .quantise import share_weights
+
+            t0 = time.perf_counter()
+            shared = share_weights(net, r["quantise"])
+            R.record({"event": "quantise", "round": k + 1, "bits": r["quantise"], "shared": shared, **_totals(net),
+                      **test_errors(net, test_data), "seconds": round(time.perf_counter() - t0, 3)})
         state.update(stage="retrain", epoch=0)
         opt.iteration = 0
-        if r["criterion"] is not None:
+        if r["criterion"] is not None or r.get("quantise") is not None:
             R.commit(opt)
     net.freeze(r["freeze"])                                                       # §3.3
     n_batches = -(-len(train_data) // r["batch_size"])
@@ -385,7 +400,7 @@ def _describe(rec):
         return (("round" in rec) * r + f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  train err "
                 f"{100 * rec['train_error']:.2f}%  {err}  {rec['seconds']:.1f}s")
     dens = "  ".join(f"{k} {100 * v:.1f}%" for k, v in rec["density"].items())
-    head = {"start": "start", "prune": r + "pruned", "round": r + "done"}[rec["event"]]
+    head = {"start": "start", "prune": r + "pruned", "quantise": r + "quantised", "round": r + "done"}[rec["event"]]
     return f"{head}: {err}  weights left (of the original layers): {dens}  ({rec['compression']:.1f}x)"
 
 

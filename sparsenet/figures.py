@@ -80,6 +80,19 @@ def plot_curves(log, path):
     return _plot(path, (5 * len(logs), 4), draw)
 
 
+def plot_bits(sweep, path):
+    """Deep Compression's bits-vs-accuracy figure: test error of one layer shared at each width, before and
+    after its codebook is fine-tuned (:func:`sparsenet.reproduce.bits_sweep`)."""
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        for key, style in (("before", "o--"), ("after", "s-")):
+            ax.plot(sweep["bits"], [100 * e for e in sweep[key]], style, label=f"{key} fine-tuning")
+        ax.set(xlabel=f"bits per weight of {sweep['layer']} (2**bits shared values)", ylabel="test error, %",
+               title=f"{sweep['layer']} weight-shared: quantisation alone vs fine-tuned codebook")
+        ax.legend()
+    return _plot(path, (6, 4), draw)
+
+
 def pattern_title(net, layer):
     """The share of ``layer``'s weights kept, of the original layer and (neurons removed) of the layer now."""
     W, o = net.layer(layer).params["W"], net.origin[layer]

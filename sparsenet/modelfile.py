@@ -20,6 +20,8 @@ Model file, version 2 (HDF5)::
                    attrs bits, n_codes, n_values (int64, one per pruned weight), shapes (JSON: tensor shapes)
     /masks/<l>.W   dense only, a prunable weight's mask unless all ones: uint8 (⌈size/8⌉,),
                    ``numpy.packbits(M.ravel(), bitorder="little")``
+    compressed:    weight-shared layers, Huffman-coded (Deep Compression): /dense, /codebooks, /tables,
+                   /stream, laid out in :mod:`sparsenet.compressed`
 
 ``nnz`` counts connections (mask ones) whatever their value, so the stored sparse structure *is* the mask.
 (Two streams, not two datasets per weight: HDF5 headers cost ~270 bytes a dataset.) Version 1 has no
@@ -46,7 +48,7 @@ from pathlib import Path
 import h5py
 import numpy
 
-from . import h5io
+from . import compressed, h5io
 from .backend import asnumpy, to_device
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import load_checkpoint
@@ -57,7 +59,8 @@ from .util import SparsenetError
 
 FORMAT, VERSION = "sparsenet-model", 2
 READABLE = (1, 2)  # the versions load_model reads
-ENCODINGS = ("dense", "csr", "relative")
+LOSSLESS = ("dense", "csr", "relative")  # store any network exactly
+ENCODINGS = (*LOSSLESS, "compressed")  # compressed (Deep Compression, sparsenet.compressed): weight-shared networks
 BITS = {"linear": 5, "conv2d": 8}  # relative-index width per layer kind (the paper)
 
 
@@ -118,11 +121,14 @@ def storage_report(net):
 
 
 def export_sizes(net):
-    """Bytes on disk of ``net`` exported in each encoding (written to a temporary directory)."""
+    """Bytes on disk of ``net`` exported in each encoding (written to a temporary directory); ``compressed``
+    only when every prunable weight is shared (quantised)."""
+    shared = all(p.codebook is not None for p in net.params().values() if p.prunable)
+    encodings = ENCODINGS if shared else LOSSLESS
     with tempfile.TemporaryDirectory() as d:
-        for enc in ENCODINGS:
+        for enc in encodings:
             export_model(net, Path(d) / f"{enc}.h5", enc)
-        return {enc: os.path.getsize(Path(d) / f"{enc}.h5") for enc in ENCODINGS}
+        return {enc: os.path.getsize(Path(d) / f"{enc}.h5") for enc in encodings}
 
 
 def export_model(net, path, encoding="relative"):
@@ -148,6 +154,8 @@ def export_model(net, path, encoding="relative"):
         f.attrs["version"] = VERSION
         h5io.set_text(f, "encoding", encoding)
         h5io.set_text(f, "network", json.dumps(net.spec(), separators=(",", ":")))
+        if encoding == "compressed":
+            return compressed.write(f, net, layout)
         group, streams = f.create_group("params"), []
         for name, kind, shape, prunable in layout:
             W, M = asnumpy(params[name].data).astype(numpy.float32), asnumpy(params[name].mask)
@@ -210,6 +218,10 @@ def _read_model(f, path, xp):
             raise ValueError("attribute 'network' is missing")
         spec = json.loads(text)
         layout = _layout(spec)
+    if encoding == "compressed":
+        with _prefixed(f"{path}: compressed streams: ", (ValueError, TypeError, KeyError, OSError)):
+            arrays = compressed.read(f, layout, lambda g, key, kinds: _dataset(g, key, kinds))
+        return _build(spec, arrays, path, xp)
     if not isinstance(f.get("params"), h5py.Group):
         raise SparsenetError(f"{path}: group 'params' is missing")
     streams, arrays = {}, {}
@@ -219,12 +231,19 @@ def _read_model(f, path, xp):
     for name, _, shape, prunable in layout:
         with _prefixed(f"{path}: parameter {name!r}: ", (ValueError, TypeError, KeyError, OSError)):
             arrays[name] = _read_weight(f, name, encoding, shape, prunable, version, streams.get(name))
+    return _build(spec, arrays, path, xp)
+
+
+def _build(spec, arrays, path, xp):
+    """The network of ``spec`` holding ``arrays`` (``{name: (W, M[, codebook, codes])}``), checked by Param."""
     with _prefixed(f"{path}: cannot rebuild the network: "):
         net = build_network(spec, xp=xp)
     for name, p in net.params().items():
-        W, M = arrays.pop(name)
+        W, M, *shared = arrays.pop(name)
         with _prefixed(f"{path}: parameter {name!r}: "):
             p.load(to_device(W, xp), to_device(M, xp))
+            if shared and shared[0] is not None:
+                p.share(to_device(shared[0], xp), to_device(shared[1], xp))
     return net
 
 

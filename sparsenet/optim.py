@@ -10,6 +10,18 @@ W, gW and V are 0 at pruned positions, so every term is 0 there (L1/L2 act on su
 only); the select (:meth:`sparsenet.param.Param.zero_pruned`) re-asserts it even after NaN.
 V lives with its parameter (``Param.state["momentum"]``).
 
+Trained quantisation (Han, Mao & Dally 2016, Deep Compression §3): a shared parameter (:meth:`Param.share
+<sparsenet.param.Param.share>`) has kept weights ``W_i = c_{I_i}`` (codebook c, codes I), so
+``∂W_i/∂c_k = [I_i = k]`` and, by the chain rule over every kept weight,
+
+    ∂L/∂c_k = Σ_i g_i · ∂W_i/∂c_k = Σ_{i: M_i = 1, I_i = k} g_i
+
+with g the per-weight gradient above (regularisation included: λ₂W and λ₁sign(W) are the
+gradients of λ₂/2·ΣW² and λ₁·Σ|W| over the kept weights). The codebook then takes the same
+step, ``V_c ← μ·V_c + η_t·lr_mult·∂L/∂c``, ``c ← c − V_c`` (V_c:
+``Param.codebook_state["momentum"]``), and W is re-derived as ``c[I] ⊙ M``. Pruned weights are left out of the sum (a
+select, so even a NaN there adds nothing); the per-weight V is left as it was.
+
 Learning-rate policies, with t the iteration count (starting at 0):
 
 * ``fixed``: η_t = base_lr
@@ -91,6 +103,15 @@ class SGD:
                 g += p.data * (s["weight_decay"] * p.decay_mult)
             if s["l1"] and p.decay_mult:
                 g += xp.sign(p.data) * (s["l1"] * p.decay_mult)
+            if p.codebook is not None:  # shared values: the step goes to the codebook (module docstring)
+                vc = p.codebook_state.get("momentum")
+                if vc is None:
+                    vc = p.codebook_state["momentum"] = xp.zeros_like(p.codebook)
+                vc *= s["momentum"]
+                vc += p.codebook_grad(g) * (lr * p.lr_mult)
+                p.move_codebook(vc)
+                p.grad = None
+                continue
             v = p.state.get("momentum")
             if v is None:
                 v = p.state["momentum"] = xp.zeros_like(p.data)

@@ -66,3 +66,28 @@ def weights_left(model):
     """``{layer: fraction of its weights kept}`` for ``model`` (no "total"): the paper's
     per-layer densities, e.g. for pruning a network at random to them."""
     return {name: r["weights_left"] for name, r in LAYERS[model]["rows"].items() if name != "total"}
+
+
+# Deep Compression (Han, Mao & Dally, ICLR 2016), Tables 2-3: pruning (P) + quantisation (Q) + Huffman (H)
+# on the LeNets. Per layer: weights, weights left after P, bits per weight after Q and after H, bits per
+# relative index after Q and after H, and the compressed size as a fraction of the dense float32 layer after
+# P+Q and after P+Q+H. Their ip1-ip3 are our fc1-fc3. Whole model: dense and compressed bytes, top-1 error.
+def _dc(number, model, rows, dense_bytes, compressed_bytes, error):
+    keys = ("weights", "weights_left", "weight_bits", "weight_bits_coded", "index_bits", "index_bits_coded",
+            "rate", "rate_coded")
+    return {"table": number, "source": f"Han, Mao & Dally 2016 (Deep Compression), Table {number} ({model})",
+            "rows": {name: dict(zip(keys, r)) for name, r in rows.items()}, "dense_bytes": dense_bytes,
+            "compressed_bytes": compressed_bytes, "compression": round(dense_bytes / compressed_bytes), "error": error}
+
+
+DEEP_COMPRESSION = {
+    "lenet-300-100": _dc(2, "LeNet-300-100", {
+        "fc1": (235_000, .08, 6, 4.4, 5, 3.7, .031, .0232), "fc2": (30_000, .09, 6, 4.4, 5, 4.3, .038, .0304),
+        "fc3": (1_000, .26, 6, 4.3, 5, 3.2, .157, .1270), "total": (266_000, .08, 6, 5.1, 5, 3.7, .031, .0249)},
+        1_070_000, 27_000, .0158),
+    "lenet-5": _dc(3, "LeNet-5", {
+        "conv1": (500, .66, 8, 7.2, 5, 1.5, .785, .6745), "conv2": (25_000, .12, 8, 7.2, 5, 3.9, .060, .0528),
+        "fc1": (400_000, .08, 5, 4.5, 5, 4.5, .027, .0245), "fc2": (5_000, .19, 5, 5.2, 5, 3.7, .069, .0613),
+        "total": (431_000, .08, 5.3, 4.1, 5, 4.4, .0305, .0255)},
+        1_720_000, 44_000, .0074),
+}

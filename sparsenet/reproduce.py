@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -20,8 +21,8 @@ from .checkpoint import load_checkpoint
 from .data import load_split, test_arrays
 from .engine import Schedule, TrainConfig, prune_run, train
 from .model import build_model
-from .figures import plot_curves, plot_pattern, plot_sensitivity, plot_tradeoff
-from .paper import LAYERS, TABLE1
+from .figures import plot_bits, plot_curves, plot_pattern, plot_sensitivity, plot_tradeoff
+from .paper import DEEP_COMPRESSION, LAYERS, TABLE1
 from .report import format_markdown, layer_report, md_table, pct, sensitivity, sensitivity_table
 from . import pruning
 from .pruning import prunable_layers
@@ -30,7 +31,8 @@ from .util import SparsenetError, eta, whole, write_text_atomic
 PRETRAINED = ("alexnet", "vgg-16")  # experiments that start from imported ImageNet weights
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPRO_DIR = REPO_ROOT / "reproduce"
-CONFIG_KEYS = {"experiment", "description", "train", "pretrained", "prune", "sensitivity", "tradeoff", "bounds"}
+CONFIG_KEYS = {"experiment", "description", "train", "pretrained", "prune", "quantise", "sensitivity", "tradeoff",
+               "bounds"}
 
 
 def find_config(name):
@@ -187,10 +189,12 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights
         sens = {**parts[0], "layers": {k: v for p in parts for k, v in p["layers"].items()}}
     if cfg.get("tradeoff"):
         trade = tradeoff(dense_ck, work / "tradeoff", cfg["tradeoff"], **kw, seconds=seconds)
+    dc = deep_compression(cfg, work, dense, x, t, out, kw, seconds) if cfg.get("quantise") else None
     figures = {k: f for k, plot, arg, f in (
         ("fig4", plot_pattern, pruned, "fig4_pattern.png"), ("fig6", plot_sensitivity, sens, "fig6_sensitivity.png"),
         ("fig5", plot_tradeoff, trade, "fig5_tradeoff.png"),
-        ("curves", plot_curves, {"dense training": dense_log, "iterative pruning": log}, "curves.png"))
+        ("curves", plot_curves, {"dense training": dense_log, "iterative pruning": log}, "curves.png"),
+        ("bits", plot_bits, dc and dc["sweep"], "bits_sweep.png"))
         if arg is not None and plot(arg, out / f)}
     model, cpus = tcfg.model, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     metrics = {
@@ -204,7 +208,8 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights
                    for x in log if x["event"] == "round"],
         "sensitivity": sens and {k: sens[k] for k in ("ratios", "layers", "baseline")},
         "tradeoff": trade, "figures": figures, "paper": TABLE1.get(model),
-        "checks": _checks(cfg.get("bounds", {}), rep), "committed": _committed(cfg["experiment"], out),
+        "deep_compression": dc, "checks": _checks(cfg.get("bounds", {}), rep, dc=dc),
+        "committed": _committed(cfg["experiment"], out),
         "provenance": {"seed": tcfg.seed, "prune_seed": cfg["prune"].get("seed", 0), "sparsenet": __version__,
                        "commit": commit, "commits": sorted({*timing.get("provenance", {}).get("commits", []), commit}),
                        "python": platform.python_version(), "numpy": numpy.__version__,
@@ -233,18 +238,22 @@ def repo_path(path):
     return Path(os.path.relpath(Path(path).resolve(), REPO_ROOT)).as_posix()
 
 
-def _checks(bounds, rep, dense_error=None):
+def _checks(bounds, rep, dense_error=None, dc=None):
     """``bounds`` against the pruned net: max_test_error ≥ its error, min_compression ≤ its compression,
-    max_error_increase ≥ its error less the dense one's."""
+    max_error_increase ≥ its error less the dense one's; with Deep Compression (``dc``) max_compressed_error
+    and min_file_ratio (dense float32 file of the unpruned net over the compressed file)."""
     values = {"max_test_error": rep["error"], "min_compression": rep["compression"],
-              "max_error_increase": None if dense_error is None or rep["error"] is None else rep["error"] - dense_error}
-    return {k: {"bound": b, "value": values[k], "ok": values[k] <= b if k.startswith("max") else values[k] >= b}
+              "max_error_increase": None if dense_error is None or rep["error"] is None else rep["error"] - dense_error,
+              "max_compressed_error": dc and dc["test_error"], "min_file_ratio": dc and dc["file_ratio"]}
+    return {k: {"bound": b, "value": values[k], "ok": bool(values[k] <= b if k.startswith("max") else values[k] >= b)}
             for k, b in bounds.items() if values.get(k) is not None}
 
 
 def format_check(key, c):
     """One check of report.md as value against bound: "test error 1.56% (bound ≤ 1.64%) ✓"."""
     text = {"max_test_error": f"test error {pct(c['value'], 2)} (bound ≤ {pct(c['bound'], 2)})",
+            "max_compressed_error": f"compressed file's error {pct(c['value'], 2)} (bound ≤ {pct(c['bound'], 2)})",
+            "min_file_ratio": f"file {c['value']:.1f}× smaller (bound ≥ {c['bound']:g}×)",
             "max_error_increase": f"error change {100 * c['value']:+.2f} points (bound ≤ {100 * c['bound']:+.2f})",
             "min_compression": f"compression {c['value']:.1f}× (bound ≥ {c['bound']:g}×)"}[key]
     return text + (" ✓" if c["ok"] else " ✗ NOT MET")
@@ -253,7 +262,8 @@ def format_check(key, c):
 CAPTIONS = {"fig4": "Fig. 4 — sparsity pattern of the first FC layer",
             "fig5": "Fig. 5 — accuracy against weights pruned: L1/L2, with/without retraining, iterative",
             "fig6": "Fig. 6 — sensitivity: one layer pruned at a time, no retraining (dense network)",
-            "curves": "Training curves — loss and test error per epoch, dense training and pruning rounds"}
+            "curves": "Training curves — loss and test error per epoch, dense training and pruning rounds",
+            "bits": "Deep Compression — one layer weight-shared at 2-8 bits, before and after codebook fine-tuning"}
 
 
 def format_report(m, rep):
@@ -283,6 +293,8 @@ def format_report(m, rep):
               md_table(["round", "test error", "compression", "weights left per layer"],
                        [[r["round"], d2(r["test_error"]), f"{r['compression']:.1f}×",
                          ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["density"].items())] for r in m["rounds"]]), ""]
+    if m.get("deep_compression"):
+        lines += format_deep_compression(m["deep_compression"])
     s, t, pv = m["sensitivity"], m["tradeoff"], m["provenance"]
     lines += ["## Figures", ""] * bool(m["figures"] or s or t) + [
         f"The paper's Figs. 5 and 6 are measured on AlexNet (ImageNet); ours are on {m['model']} ({m['dataset']}), "
@@ -415,3 +427,104 @@ def format_pretrained_report(m, rep, measured):
               f"finished {m['provenance']['finished']}.", "",
               "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()) + ".", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Deep Compression
+def deep_compression(cfg, work, dense, x, t, out, kw, seconds):
+    """Beyond the paper (Han, Mao & Dally 2016): the pruned network weight-shared and its codebooks fine-tuned
+    (``quantise``: bits, retrain), written as ``model.h5`` in the compressed encoding, checked against the
+    quantised checkpoint on every test image, its storage table; with ``quantise.sweep`` ({layer, bits,
+    epochs}) the error of one layer shared at each width before and after fine-tuning."""
+    from .compressed import storage_table
+    from .modelfile import export_model, load_model
+
+    q, qdir, progress = cfg["quantise"], work / "quantised", kw["progress"]
+    sched = Schedule.from_dict({"seed": cfg["prune"].get("seed", 0), "retrain": q.get("retrain", {}),
+                                "rounds": [{"quantise": q["bits"], "remove_neurons": False}]})
+    _stage(progress, "Deep Compression", [(f"weight sharing and codebook fine-tuning in {qdir}", 1, lambda: _resumed(
+        partial(prune_run, work / "pruned" / "checkpoint.h5"), qdir, sched, **kw), qdir, sched)], seconds, "quantise")
+    net = load_checkpoint(qdir / "checkpoint.h5", dense.xp).net
+    with tempfile.TemporaryDirectory() as d:
+        export_model(dense, Path(d) / "dense.h5", "dense")
+        dense_bytes = (Path(d) / "dense.h5").stat().st_size
+    export_model(net, out / "model.h5", "compressed")
+    back = load_model(out / "model.h5", dense.xp)
+    predicted = back.predict(x)
+    sweep = None
+    if q.get("sweep"):
+        sweep = _stage(progress, "bits sweep", [("one layer shared at 2-8 bits, before and after fine-tuning", 1,
+                                                lambda: bits_sweep(work / "pruned" / "checkpoint.h5", q, x, t, kw))],
+                       seconds, "sweep")[0]
+    size = (out / "model.h5").stat().st_size
+    return {"file": repo_path(out / "model.h5"), "file_bytes": size, "dense_file_bytes": dense_bytes,
+            "file_ratio": dense_bytes / size, "test_error": float((predicted != t).mean()),
+            "checkpoint_error": net.error(x, t), "predictions_equal": bool((predicted == net.predict(x)).all()),
+            "shared": next(r["shared"] for r in _read(qdir / "log.jsonl", True) if r["event"] == "quantise"),
+            "storage": storage_table(net), "sweep": sweep, "paper": DEEP_COMPRESSION.get(dense.name)}
+
+
+def bits_sweep(pruned_ck, q, x, t, kw):
+    """Deep Compression's bits-vs-accuracy figure on one layer: ``q["sweep"]["layer"]`` shared at each of
+    ``bits`` widths (the other layers as pruned), test error before and after ``epochs`` of fine-tuning its
+    codebook alone (the other layers frozen)."""
+    from .data import ArraySplit, open_splits
+    from .engine import RETRAIN_DEFAULTS, train_epoch
+    from .optim import SGD
+    from .quantise import share_weights
+
+    sw = q["sweep"]
+    layer, out = sw["layer"], {"layer": sw["layer"], "bits": list(sw.get("bits", range(2, 9))), "before": [],
+                               "after": [], "epochs": sw.get("epochs", 1)}
+    xp = array_module(kw["device"])
+    ck = load_checkpoint(pruned_ck, xp)
+    train_split = open_splits(ck.config, ck.net, xp, kw["data_dir"], "train")["train"]
+    for b in out["bits"]:
+        net = load_checkpoint(pruned_ck, xp).net
+        share_weights(net, {layer: b})
+        out["before"].append(net.error(x, t))
+        net.freeze([n for n in prunable_layers(net) if n != layer])
+        opt = SGD.from_settings(net.params(), {**RETRAIN_DEFAULTS, **q.get("retrain", {})})
+        rng = numpy.random.default_rng(0)
+        for _ in range(out["epochs"]):
+            train_epoch(net, opt, train_split, q.get("retrain", {}).get("batch_size", 64), rng)
+        net.freeze(())
+        out["after"].append(net.error(x, t))
+    return out
+
+
+def format_deep_compression(dc):
+    """report.md's Deep Compression section: file sizes and error beside the published ones, the per-layer
+    storage table beside Deep Compression's Table 2/3, and the bits sweep."""
+    p, st, kb = dc["paper"] or {}, dc["storage"], lambda b: f"{b / 1000:,.1f} KB"
+    lines = ["## Beyond the paper: Deep Compression (pruning + trained quantisation + Huffman coding)", "",
+             md_table(["", "dense float32 file", "compressed file", "smaller by", "test error"], [
+                 ["**sparsenet**", kb(dc["dense_file_bytes"]), kb(dc["file_bytes"]), f"**{dc['file_ratio']:.1f}×**",
+                  pct(dc["test_error"], 2)]] + [["Deep Compression", kb(p["dense_bytes"]), kb(p["compressed_bytes"]),
+                                                 f"{p['compression']}×", pct(p["error"], 2)]] * bool(p)), "",
+             f"`{dc['file']}` (the whole network: codebooks, Huffman tables and streams, biases, HDF5 headers) "
+             f"predicts {'exactly' if dc['predictions_equal'] else 'NOT'} as the quantised checkpoint on every test "
+             f"image. Shared values per layer: " + ", ".join(f"{k.split('.')[0]} {v}" for k, v in dc["shared"].items())
+             + ".", ""]
+    rows = []
+    for r in st["layers"] + [st["total"]]:
+        q = (p.get("rows") or {}).get(r["layer"], {})
+        rows.append([r["layer"], f"{r['weights']:,}", pct(r["density"]), f"{r.get('weight_bits', 0):.1f} / "
+                     f"{r['weight_bits_coded']:.1f}", f"{r['index_bits']:.1f} / {r['index_bits_coded']:.1f}",
+                     f"{r['dense_bytes']:,}", f"{r['pruned_bytes']:,}", f"{r['quantised_bytes']:,}",
+                     f"{r['coded_bytes']:,}", pct(r["coded_bytes"] / r["dense_bytes"], 2),
+                     *([pct(q.get("weights_left")), f"{q.get('weight_bits', '-')} / {q.get('weight_bits_coded', '-')}",
+                        f"{q.get('index_bits', '-')} / {q.get('index_bits_coded', '-')}", pct(q.get("rate_coded"), 2)]
+                       if p else [])])
+    lines += [f"Per layer (bits: fixed width / Huffman-coded, per connection; bytes with biases, before pruning → "
+              f"pruned (float32 values, relative indices) → quantised → coded)" + (
+                  f", beside {p['source']}" if p else "") + ":", "",
+              md_table(["layer", "weights", "left", "bits/weight", "bits/index", "dense B", "pruned B", "quantised B",
+                        "coded B", "coded/dense", *(["paper left", "paper bits/weight", "paper bits/index",
+                                                     "paper coded/dense"] if p else [])], rows), ""]
+    if dc.get("sweep"):
+        sw = dc["sweep"]
+        lines += [f"Bits sweep on {sw['layer']} (the other layers as pruned; fine-tuning: {sw['epochs']} epoch(s) of "
+                  f"its codebook alone):", "", md_table(["bits", *map(str, sw["bits"])], [
+                      ["before fine-tuning", *(pct(e, 2) for e in sw["before"])],
+                      ["after fine-tuning", *(pct(e, 2) for e in sw["after"])]]), ""]
+    return lines

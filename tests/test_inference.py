@@ -6,7 +6,7 @@ from sparsenet.backend import asnumpy
 from sparsenet.data import load_split
 from sparsenet.inference import SparseNetwork, prefer_sparse
 from sparsenet.model import build_model, build_network
-from sparsenet.modelfile import ENCODINGS, export_model, load_model
+from sparsenet.modelfile import LOSSLESS, export_model, load_model
 from sparsenet.paper import weights_left
 from sparsenet.pruning import prune_at_random as prune
 from sparsenet.util import SparsenetError
@@ -70,7 +70,7 @@ def test_mnist_predictions_identical_across_formats_and_engines(tmp_path):
     x, t = load_split("mnist", net.input_shape, np, None, split="test")["test"]
     assert len(t) == 10_000
     want = net.predict(x)
-    for encoding in ENCODINGS:
+    for encoding in LOSSLESS:
         export_model(net, tmp_path / f"{encoding}.h5", encoding)
         back = load_model(tmp_path / f"{encoding}.h5")
         assert np.array_equal(back.predict(x), want)

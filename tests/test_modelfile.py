@@ -17,7 +17,7 @@ from sparsenet import modelfile
 from sparsenet.checkpoint import save_checkpoint
 from sparsenet.codecs import pack_bits, relative_encode, unpack_bits
 from sparsenet.model import Network, build_model, build_network, layer_from_spec
-from sparsenet.modelfile import ENCODINGS, export_model, export_sizes, load_model, storage_report
+from sparsenet.modelfile import LOSSLESS, export_model, export_sizes, load_model, storage_report
 from sparsenet.paper import weights_left
 from sparsenet.pruning import prune_at_random as prune
 from sparsenet.util import SparsenetError
@@ -50,7 +50,7 @@ def files(tmp_path_factory):
     """A pruned LeNet-300-100 (paper densities), saved in every encoding."""
     d = tmp_path_factory.mktemp("models")
     net = pruned("lenet-300-100")
-    paths = {enc: d / f"{enc}.h5" for enc in ENCODINGS}
+    paths = {enc: d / f"{enc}.h5" for enc in LOSSLESS}
     for enc, path in paths.items():
         export_model(net, path, enc)
     return net, paths
@@ -58,7 +58,7 @@ def files(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("model", ["lenet-300-100", "lenet-5"])
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", LOSSLESS)
 def test_every_encoding_loads_the_exact_weights(model, encoding, tmp_path):
     net = pruned(model, seed=3)
     export_model(net, tmp_path / "m.h5", encoding)
@@ -86,7 +86,7 @@ def test_zero_valued_survivors_stay_connections(kind, seed, density, zero_fracti
             hit = (p.mask == 1) & (rng.random(p.data.shape) < zero_fraction)
             p.data[hit] = np.where(rng.random(p.data.shape) < 0.5, np.float32(0.0), np.float32(-0.0))[hit]
     with tempfile.TemporaryDirectory() as d:
-        for encoding in ENCODINGS:
+        for encoding in LOSSLESS:
             export_model(net, Path(d) / "m.h5", encoding)
             assert_same_params(net, load_model(Path(d) / "m.h5"))
 
@@ -125,7 +125,7 @@ def test_dense_file_stores_no_mask_for_an_unpruned_weight(tmp_path):
 
 # ----------------------------------------------------------------------------- version 1 files
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", LOSSLESS)
 def test_version_1_files_still_load(kind, encoding):
     """Files written by the code before connections were stored: the same weights, bit
     for bit, and the masks of the v1 rule (stored structure, or W != 0 for dense)."""
@@ -231,7 +231,7 @@ def _one_line_error(fn, path, needle):
     assert str(path) in msg and needle in msg and "\n" not in msg, msg
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", LOSSLESS)
 @pytest.mark.parametrize("fault", FAULTS)
 def test_loading_checks_the_description_before_allocating(fault, encoding, tmp_path, monkeypatch):
     """A file whose description matches its arrays but is no network is refused by
@@ -256,7 +256,7 @@ def test_export_refuses_a_description_that_is_no_network(fault, tmp_path):
         net.spec = lambda: _fault(fault)
     else:
         net = _bad_network(fault)
-    for encoding in ENCODINGS:
+    for encoding in LOSSLESS:
         _one_line_error(lambda: export_model(net, tmp_path / "m.h5", encoding), tmp_path / "m.h5", FAULTS[fault])
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
 
@@ -361,7 +361,7 @@ def test_malformed_files_are_rejected(files, tmp_path, encoding, edit, needle):
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", LOSSLESS)
 def test_truncated_and_foreign_files_are_rejected(files, tmp_path, encoding):
     data = files[1][encoding].read_bytes()
     for n in (0, 100, len(data) // 2, len(data) - 1):
@@ -398,7 +398,7 @@ def test_a_damaged_byte_is_an_error_not_a_different_weight(files, tmp_path, enco
         load_model(tmp_path / "bad.h5")
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS + ("checkpoint",))
+@pytest.mark.parametrize("encoding", LOSSLESS + ("checkpoint",))
 def test_damaged_headers_never_give_a_traceback_or_other_weights(files, tmp_path, encoding):
     """A flipped byte anywhere in the first 4 KB (superblock, object headers, B-trees):
     the load fails with the one-line error, or gives back exactly the saved weights."""
@@ -427,7 +427,7 @@ def test_files_without_filters_still_load(files, tmp_path, monkeypatch):
     """Files written before the checksum/deflate filters (plain datasets) load as before."""
     monkeypatch.setattr("sparsenet.h5io.write_dataset", lambda g, key, a, compress=False: g.create_dataset(key, data=a))
     net = files[0]
-    for encoding in ENCODINGS:
+    for encoding in LOSSLESS:
         export_model(net, tmp_path / f"{encoding}.h5", encoding)
         with h5py.File(tmp_path / f"{encoding}.h5", "r") as f:
             assert f["params/fc1.b"].chunks is None  # really written plain

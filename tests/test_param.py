@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from sparsenet import pruning as P
 from sparsenet.checkpoint import load_checkpoint, save_checkpoint
 from sparsenet.model import build_network
-from sparsenet.modelfile import ENCODINGS, export_model, load_model
+from sparsenet.modelfile import LOSSLESS, export_model, load_model
 from sparsenet.optim import SGD
 from sparsenet.param import Param
 from sparsenet.util import SparsenetError
@@ -80,7 +80,7 @@ def test_take_keeps_value_mask_state_and_grad_together():
 
 @pytest.mark.parametrize("spec", [MLP, conv_spec(1)], ids=["mlp", "cnn"])
 @given(seed=st.integers(0, 2**31 - 1), density=st.sampled_from([0.2, 0.5, 0.8]), n_zero=st.integers(1, 5),
-       encoding=st.sampled_from(ENCODINGS))
+       encoding=st.sampled_from(LOSSLESS))
 @settings(max_examples=15, deadline=None)
 def test_a_survivor_trained_to_zero_stays_a_connection(tmp_path_factory, spec, seed, density, n_zero, encoding):
     """Through save, load, export, load of the model file and further training."""
