@@ -30,6 +30,8 @@ AlexNet, VGG-16 (Tables 4-5)    :func:`sparsenet.model.alexnet`, :func:`sparsene
 LRN, grouped conv (AlexNet)     :func:`sparsenet.layers.lrn_forward`, :func:`sparsenet.layers.conv2d_forward`
 trained weights, ImageNet       :func:`sparsenet.pretrained.import_weights`, :class:`sparsenet.imagenet.ImageFolder`
 the ImageNet plans              :func:`sparsenet.reproduce.reproduce_pretrained`, :func:`sparsenet.reproduce.apply_plan`
+beyond: weight sharing          :func:`sparsenet.quantise.share_weights`, :meth:`sparsenet.param.Param.share`
+beyond: Huffman, compressed     :func:`sparsenet.huffman.encode`, :func:`sparsenet.compressed.write`
 ==============================  ===========================================================
 
 Supporting modules: :mod:`sparsenet.backend` (NumPy/CuPy dispatch), :mod:`sparsenet.model`
@@ -49,9 +51,10 @@ from .modelfile import export_model, load_model, storage_report
 from .optim import SGD
 from .param import Param
 from .pruning import adjust_dropout, prune, remove_dead_neurons
+from .quantise import share_weights
 from .util import SparsenetError
 
 __all__ = ["SGD", "Network", "Param", "Schedule", "SparseNetwork", "SparsenetError", "TrainConfig", "adjust_dropout",
            "build_model", "build_network", "evaluate", "export_model", "load_checkpoint", "load_model", "load_schedule",
-           "prune", "prune_run", "remove_dead_neurons", "save_checkpoint", "storage_report", "train",
+           "prune", "prune_run", "remove_dead_neurons", "save_checkpoint", "share_weights", "storage_report", "train",
            "uniform_schedule"]

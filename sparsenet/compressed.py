@@ -130,8 +130,9 @@ def read(f, layout, dataset):
 
 def storage_table(net):
     """Deep Compression's per-layer table: for each shared weight, bits per index and per weight after
-    quantisation (fixed) and after Huffman coding, and bytes before pruning (dense float32), after pruning
-    (relative indices, float32 values), after quantisation (fixed-width indices, codebook) and after coding."""
+    quantisation (fixed) and after Huffman coding, and bytes (with biases) before pruning (the original dense
+    float32 layer), after pruning (relative indices, float32 values), after quantisation (fixed-width indices,
+    codebook) and after coding. ``weights`` and ``density`` are of the original layer (as the paper's)."""
     rows = []
     for l in net.layers:
         p = l.params.get("W")
@@ -140,11 +141,11 @@ def storage_table(net):
         bits = BITS[l.kind]
         tables, sp, si, codebook, n_codes, n_values = encode_layer(p, bits)
         K, b = len(codebook), max(1, int(numpy.ceil(numpy.log2(max(len(codebook), 2)))))
-        bias = 4 * l.params["b"].size
-        rows.append({"layer": l.name, "weights": p.size, "nonzero": n_values, "density": n_values / p.size,
+        bias, o = 4 * l.params["b"].size, net.origin.get(l.name, {"weights": p.size, "params": p.size + l.params["b"].size})
+        rows.append({"layer": l.name, "weights": o["weights"], "nonzero": n_values, "density": n_values / o["weights"],
                      "codebook": K, "weight_bits": b, "index_bits": bits,
                      "weight_bits_coded": 8 * len(si) / max(n_values, 1), "index_bits_coded": 8 * len(sp) / max(n_values, 1),
-                     "dense_bytes": 4 * p.size + bias, "pruned_bytes": 4 * n_values + -(-bits * n_codes // 8) + bias,
+                     "dense_bytes": 4 * o["params"], "pruned_bytes": 4 * n_values + -(-bits * n_codes // 8) + bias,
                      "quantised_bytes": -(-(b * n_values + bits * n_codes) // 8) + 4 * K + bias,
                      "coded_bytes": len(sp) + len(si) + 4 * K + len(tables) + bias})
     keys = [k for k in rows[0] if k.endswith("bytes") or k in ("weights", "nonzero")] if rows else []
