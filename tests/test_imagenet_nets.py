@@ -159,6 +159,7 @@ def test_the_alexnet_smoke_reproduction_runs_the_whole_command(tmp_path, capsys)
                      "--prune-only", "--no-progress"]) == 0  # no data: the plan's counts and sizes only
     plan = json.loads((tmp_path / "plan" / "metrics.json").read_text())
     assert plan["pruned"]["nonzero_params"] == pr["nonzero_params"] and plan["pruned"]["test_error"] is None
+    assert plan["file_bytes"]["dense"] > 30 * plan["file_bytes"]["compressed"]  # shared (8/5 bits) and Huffman-coded
     capsys.readouterr()
     assert cli.main(["reproduce", "alexnet-smoke", "--out", str(tmp_path / "none"), "--no-progress"]) == 2
     assert "--weights" in capsys.readouterr().err
