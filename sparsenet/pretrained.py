@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy
 
-from . import layers as L, model as M
+from . import model as M
 from .checkpoint import save_checkpoint
 from .util import SparsenetError
 

@@ -475,7 +475,7 @@ def bits_sweep(pruned_ck, q, x, t, kw):
     """Deep Compression's bits-vs-accuracy figure on one layer: ``q["sweep"]["layer"]`` shared at each of
     ``bits`` widths (the other layers as pruned), test error before and after ``epochs`` of fine-tuning its
     codebook alone (the other layers frozen)."""
-    from .data import ArraySplit, open_splits
+    from .data import open_splits
     from .engine import RETRAIN_DEFAULTS, train_epoch
     from .optim import SGD
     from .quantise import share_weights
@@ -523,8 +523,8 @@ def format_deep_compression(dc):
                      *([pct(q.get("weights_left")), f"{q.get('weight_bits', '-')} / {q.get('weight_bits_coded', '-')}",
                         f"{q.get('index_bits', '-')} / {q.get('index_bits_coded', '-')}", pct(q.get("rate_coded"), 2)]
                        if p else [])])
-    lines += [f"Per layer (bits: fixed width / Huffman-coded, per connection; bytes with biases, before pruning → "
-              f"pruned (float32 values, relative indices) → quantised → coded)" + (
+    lines += ["Per layer (bits: fixed width / Huffman-coded, per connection; bytes with biases, before pruning → "
+              "pruned (float32 values, relative indices) → quantised → coded)" + (
                   f", beside {p['source']}" if p else "") + ":", "",
               md_table(["layer", "weights", "left", "bits/weight", "bits/index", "dense B", "pruned B", "quantised B",
                         "coded B", "coded/dense", *(["paper left", "paper bits/weight", "paper bits/index",

@@ -67,3 +67,27 @@ def xp(request):
     if request.param == "numpy":
         return numpy
     return _cupy_or_skip()
+
+
+class Killed(Exception):
+    """Raised by :func:`kill_training` in place of a training epoch: a run killed mid-way."""
+
+
+@pytest.fixture
+def kill_training(monkeypatch):
+    """``kill_training(n)``: the n-th call of ``engine.train_epoch`` from now raises :class:`Killed`;
+    ``kill_training(None)``: the real one again."""
+    from sparsenet import engine
+
+    real = engine.train_epoch
+
+    def arm(n):
+        calls = []
+
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise Killed
+            return real(*a, **k)
+        monkeypatch.setattr(engine, "train_epoch", real if n is None else dying)
+    return arm

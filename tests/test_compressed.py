@@ -5,8 +5,9 @@ import json
 import h5py
 import numpy
 import pytest
+from conftest import Killed
 
-from sparsenet import cli, engine
+from sparsenet import cli
 from sparsenet.checkpoint import load_checkpoint
 from sparsenet.compressed import storage_table
 from sparsenet.data import load_split
@@ -142,10 +143,6 @@ def pruned(tmp_path_factory):
     return d / "pruned" / "checkpoint.h5"
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.mnist
 def test_quantise_command_then_the_compressed_file_predicts_as_the_checkpoint(pruned, tmp_path, capsys):
     assert cli.main(["quantise", str(pruned), "--out", str(tmp_path / "q"), "--bits", "fc1=4,default=5",
@@ -172,21 +169,13 @@ def test_quantise_command_then_the_compressed_file_predicts_as_the_checkpoint(pr
 
 
 @pytest.mark.mnist
-def test_a_killed_quantise_run_resumes_bit_identically(pruned, tmp_path, monkeypatch):
+def test_a_killed_quantise_run_resumes_bit_identically(pruned, tmp_path, kill_training):
     sched = {"seed": 1, "rounds": [{"quantise": {"default": 4}, "epochs": 2, "lr": 0.001, "lr_policy": "fixed"}]}
     straight = prune_run(pruned, tmp_path / "a", Schedule.from_dict(sched), progress=False)
-    real, calls = engine.train_epoch, []
-
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(engine, "train_epoch", dying)
+    kill_training(2)
     with pytest.raises(Killed):
         prune_run(pruned, tmp_path / "b", Schedule.from_dict(sched), progress=False)
-    monkeypatch.setattr(engine, "train_epoch", real)
+    kill_training(None)
     resumed = prune_run(None, tmp_path / "b", resume=True, progress=False)
     strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
     assert strip(resumed) == strip(straight)

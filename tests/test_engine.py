@@ -7,6 +7,7 @@ import tempfile
 import numpy
 import numpy as np
 import pytest
+from conftest import Killed
 
 from sparsenet import cli, engine
 from sparsenet import pruning as P
@@ -180,10 +181,6 @@ def test_frozen_layer_is_unchanged_by_its_round(dense, tmp_path):
     assert not numpy.array_equal(before.params()["fc2.W"].data, after.params()["fc2.W"].data)
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def straight(dense, tmp_path_factory):
     """The SMALL schedule run without interruption: (log, checkpoint path)."""
@@ -193,19 +190,11 @@ def straight(dense, tmp_path_factory):
 
 @pytest.mark.mnist
 @pytest.mark.parametrize("kill_at", [1, 3, 5])  # round 1 right after its prune, round 2 (frozen fc1), round 3
-def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, monkeypatch, kill_at):
-    real, calls = engine.train_epoch, []
-
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == kill_at:
-            raise Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(engine, "train_epoch", dying)
+def test_a_killed_run_resumes_bit_identically(dense, straight, tmp_path, kill_training, kill_at):
+    kill_training(kill_at)
     with pytest.raises(Killed):
         prune_run(dense, tmp_path / "b", Schedule.from_dict(SMALL), progress=False)
-    monkeypatch.setattr(engine, "train_epoch", real)
+    kill_training(None)
     resumed = prune_run(None, tmp_path / "b", resume=True, progress=False)
     strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
     assert strip(resumed) == strip(straight[0])

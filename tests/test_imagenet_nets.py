@@ -182,7 +182,7 @@ def test_sparse_inference_and_the_flop_count_handle_grouped_convolutions():
     for mode in ("sparse", "dense", "auto"):
         numpy.testing.assert_allclose(SparseNetwork(net, mode).forward(x), net.forward(x), rtol=1e-5, atol=1e-5)
     layer, S = net.layer("c1"), (x != 0).sum(axis=0)
-    W, G = layer.params["W"].mask, 2  # brute force: every output, every weight it uses, non-zero input
+    W = layer.params["W"].mask  # brute force: every output, every weight it uses (group f // 3), non-zero input
     xp_ = numpy.pad(S, ((1, 1), (1, 1), (0, 0)))
     want = sum(int(W[f, i, j, c]) * int(xp_[p + i, q + j, (f // 3) * 2 + c])
                for f in range(6) for i in range(3) for j in range(3) for c in range(2) for p in range(9) for q in range(9))

@@ -31,7 +31,9 @@ def _amounts(criterion):
     return st.floats(0.0, 0.99)
 
 
-class PruningMachine(RuleBasedStateMachine):
+class NetMachine(RuleBasedStateMachine):
+    """A network built from ``spec``, a small batch, each position's identity carried as a state array,
+    and a scratch folder: the common ground of the pruning and quantisation state machines."""
     spec = MLP
 
     def __init__(self):
@@ -53,6 +55,15 @@ class PruningMachine(RuleBasedStateMachine):
     def _alive(self):
         return {n: set(p.state["ids"][p.mask == 1].astype(numpy.int64).tolist()) for n, p in self.net.params().items()}
 
+    @invariant()
+    def masks_never_regain_entries(self):
+        alive = self._alive()
+        for n, ids in alive.items():
+            assert ids <= self.alive[n], f"{n}: a pruned position came back"
+        self.alive = alive
+
+
+class PruningMachine(NetMachine):
     def _optimizer(self, **kw):
         return SGD(self.net.params(), lr_policy="fixed", **kw)
 
@@ -147,13 +158,6 @@ class PruningMachine(RuleBasedStateMachine):
     @invariant()
     def pruned_weights_and_momentum_are_zero(self):
         P.check_masks(self.net)
-
-    @invariant()
-    def masks_never_regain_entries(self):
-        alive = self._alive()
-        for n, ids in alive.items():
-            assert ids <= self.alive[n], f"{n}: a pruned position came back"
-        self.alive = alive
 
     @invariant()
     def dropout_rate_is_valid(self):

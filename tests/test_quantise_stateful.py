@@ -7,21 +7,18 @@ rules of sparsenet.param.Param (hypothesis.stateful):
   values, and a training step moves its codebook as trained quantisation says;
 * a loaded network equals the saved one bit for bit: values, masks, codebooks, codes, momenta.
 """
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import invariant, rule
 
 from sparsenet import pruning as P
 from sparsenet.checkpoint import load_checkpoint, save_checkpoint
-from sparsenet.model import build_network
 from sparsenet.optim import SGD
 from sparsenet.quantise import share_weights
 
-from test_pruning import MLP, conv_spec
+from test_pruning import conv_spec
+from test_pruning_stateful import NetMachine
 
 
 def _bits(a, like):
@@ -29,25 +26,10 @@ def _bits(a, like):
     return numpy.asarray(a).astype(like.dtype).tobytes()
 
 
-class QuantiseMachine(RuleBasedStateMachine):
-    spec = MLP
-
+class QuantiseMachine(NetMachine):
     def __init__(self):
         super().__init__()
-        self.net = build_network(self.spec, seed=0)
-        rng = numpy.random.default_rng(0)
-        self.x = rng.random((16, *self.net.input_shape), dtype=numpy.float32)
-        self.t = rng.integers(0, 3, 16)
-        for p in self.net.params().values():  # identity of each position, cut with it by take
-            p.state["ids"] = numpy.arange(p.size, dtype=numpy.float32).reshape(p.data.shape)
-        self.alive, self.bits = self._alive(), {}
-        self.dir = Path(tempfile.mkdtemp(prefix="sparsenet-q-"))
-
-    def teardown(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _alive(self):
-        return {n: set(p.state["ids"][p.mask == 1].astype(numpy.int64).tolist()) for n, p in self.net.params().items()}
+        self.bits = {}
 
     # -- operations ---------------------------------------------------------------------
     @rule(data=st.data())
@@ -149,19 +131,8 @@ class QuantiseMachine(RuleBasedStateMachine):
             assert p.codebook.size <= 2 ** self.bits[n]
             assert numpy.unique(p.data[p.data != 0]).size <= 2 ** self.bits[n], n
 
-    @invariant()
-    def masks_never_regain_entries(self):
-        alive = self._alive()
-        for n, ids in alive.items():
-            assert ids <= self.alive[n], f"{n}: a pruned position came back"
-        self.alive = alive
-
-
-class ConvQuantiseMachine(QuantiseMachine):
-    spec = conv_spec(pad2=1)
-
 
 TestQuantiseMLP = QuantiseMachine.TestCase
-TestQuantiseMLP.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
-TestQuantiseCNN = ConvQuantiseMachine.TestCase
-TestQuantiseCNN.settings = settings(max_examples=20, stateful_step_count=15, deadline=None)
+TestQuantiseCNN = type("ConvQuantiseMachine", (QuantiseMachine,), {"spec": conv_spec(pad2=1)}).TestCase
+for case, examples, steps in ((TestQuantiseMLP, 40, 20), (TestQuantiseCNN, 20, 15)):
+    case.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None)
