@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH=. SPARSENET_DATA="${SPARSENET_DATA:-data}" SPARSENET_OFFLINE=1
-DEV=gpu; EPOCH=60000; ALEX=128; VGG=32; SECS=1.0
-if [ "${GPU_SH_DRY:-0}" = 1 ]; then DEV=cpu; EPOCH=640; ALEX=2; VGG=1; SECS=0.05; fi
+DEV=gpu; EPOCH=60000; ALEX=128; VGG=32; SECS=1.0; EXP=lenet-300-100
+if [ "${GPU_SH_DRY:-0}" = 1 ]; then DEV=cpu; EPOCH=640; ALEX=2; VGG=1; SECS=0.05; EXP=lenet-300-100-ci; fi
 step() { echo "== $1 ($(date +%T))"; }
 
 step "1. CuPy test cases"
@@ -32,9 +32,9 @@ timeout 150 python3 benchmarks/bench_imagenet.py --device "$DEV" --torch --repea
 step "4. sparse inference"
 timeout 90 python3 benchmarks/bench_sparse.py --device "$DEV" --seconds "$SECS" --json "$OUT/bench_sparse.json"
 
-step "5. reproduce lenet-300-100"
+step "5. reproduce $EXP"
 start=$(date +%s.%N)
-timeout 240 python3 -m sparsenet reproduce lenet-300-100 --device "$DEV" --out "$OUT/reproduce" --no-progress \
+timeout 240 python3 -m sparsenet reproduce "$EXP" --device "$DEV" --out "$OUT/reproduce" --no-progress \
   > "$OUT/reproduce.txt" 2>&1
 rc=$?
 python3 - "$OUT" "$rc" "$start" <<'EOF'
