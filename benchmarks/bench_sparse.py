@@ -82,7 +82,7 @@ def bench_network(tag, net, xp, seconds, batches=(1, 64)):
         for l in net.layers:
             if l.name in sparse.mats and len(sparse.mats) > 1:  # a one-layer net is its own row
                 X = layer_operand(l, h)[0]
-                W2, csr, density = sparse.mats[l.name]
+                W2, csr, density, _ = sparse.mats[l.name]
                 td, ts = race([partial(xp.matmul, X, W2.T), partial(sparse_matmul_t, csr, X)], xp, seconds)
                 rows.append(row(f"{tag} {l.name} {W2.shape[0]}x{W2.shape[1]} @{100 * density:.0f}% "
                                 f"(rows {X.shape[0]})", n, td, ts))
