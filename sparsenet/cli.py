@@ -203,8 +203,9 @@ def cmd_eval(a):
     from .engine import evaluate
 
     r = evaluate(a.checkpoint, a.data_dir, a.device)
+    top5 = f" (top-5 {100 * r['top5_error']:.2f}%)" if "top5_error" in r else ""
     print(json.dumps(r) if a.json else f"{r['checkpoint']}: {r['model']} epoch {r['epoch']}  test error "
-          f"{100 * r['test_error']:.2f}%  params {r['params']:,} (non-zero {r['nonzero_params']:,})")
+          f"{100 * r['test_error']:.2f}%{top5}  params {r['params']:,} (non-zero {r['nonzero_params']:,})")
 
 
 def parse_amount(text, option="--amount"):

@@ -46,6 +46,7 @@ class DatasetSpec:
     files: dict
     mirrors: tuple = ()
     extra_dirs: tuple = ()
+    image_shape: tuple = (28, 28)
 
 
 def _files(*sha256):
@@ -223,6 +224,10 @@ def load_split(dataset, input_shape, xp, data_dir=None, train_subset=0, split="b
     float32 images in [0, 1] shaped ``(N, *input_shape)``, int64 labels (beyond ``n_classes``: an error)."""
     if not isinstance(train_subset, int) or train_subset < 0:
         raise SparsenetError(f"train_subset must be a whole number >= 0, got {train_subset!r}")
+    spec = DATASETS.get(dataset)
+    if spec is not None and math.prod(input_shape) != math.prod(spec.image_shape):  # before reading anything
+        raise SparsenetError(f"the network takes inputs of shape {tuple(input_shape)}, but {dataset} images are "
+                             f"{'x'.join(map(str, spec.image_shape))}")
     xr, yr, xt, yt = _float_images(dataset, str(resolve_data_dir(data_dir).absolute()), train_subset)
     size = math.prod(xt.shape[1:])
     if math.prod(input_shape) != size:

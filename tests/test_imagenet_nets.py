@@ -211,3 +211,12 @@ def test_the_import_command(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("sparsenet: error: ") and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alexnet.h5", "bad.onnx", "zoo.onnx"]
+
+
+def test_an_imagenet_network_on_mnist_is_refused_before_any_file_is_read(tmp_path):
+    from sparsenet.data import load_split
+    from sparsenet.util import SparsenetError
+
+    with pytest.raises(SparsenetError, match=r"\(224, 224, 3\), but mnist images are 28x28"):
+        load_split("mnist", (224, 224, 3), numpy, data_dir=tmp_path / "nowhere")  # no download attempted
+    assert not (tmp_path / "nowhere").exists()
