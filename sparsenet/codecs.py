@@ -27,6 +27,8 @@ With ``bits = 1`` this packs a 0/1 mask, one bit per entry.
 """
 import numpy
 
+BITS = {"linear": 5, "conv2d": 8}  # relative-index width per layer kind (the paper: FC 5 bits, conv 8)
+
 
 def as_matrix(W):
     """The (rows, cols) matrix view of a weight: ``W.reshape(W.shape[0], −1)``."""

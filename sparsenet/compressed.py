@@ -29,10 +29,9 @@ import numpy
 
 from . import h5io, huffman
 from .backend import asnumpy
-from .codecs import as_matrix, csr_to_dense, relative_decode, relative_encode
+from .codecs import BITS, as_matrix, csr_to_dense, relative_decode, relative_encode
 from .util import SparsenetError
 
-BITS = {"linear": 5, "conv2d": 8}  # relative-position width per layer kind (as the relative encoding)
 
 
 def _streams(p, bits):

@@ -52,7 +52,7 @@ from . import compressed, h5io
 from .backend import asnumpy, to_device
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import load_checkpoint
-from .codecs import (as_matrix, check_csr, csr_from_dense, csr_to_dense, pack_bits, relative_decode,
+from .codecs import (BITS, as_matrix, check_csr, csr_from_dense, csr_to_dense, pack_bits, relative_decode,
                      relative_encode, unpack_bits)
 from .model import build_network, check_spec
 from .util import SparsenetError
@@ -61,7 +61,6 @@ FORMAT, VERSION = "sparsenet-model", 2
 READABLE = (1, 2)  # the versions load_model reads
 LOSSLESS = ("dense", "csr", "relative")  # store any network exactly
 ENCODINGS = (*LOSSLESS, "compressed")  # compressed (Deep Compression, sparsenet.compressed): weight-shared networks
-BITS = {"linear": 5, "conv2d": 8}  # relative-index width per layer kind (the paper)
 
 
 def _layout(spec):

@@ -67,8 +67,6 @@ def _nonzero_counts(net, x, t, batch_size):
         S[cur] = S.get(cur, 0) + (a != 0).sum(axis=0, dtype=numpy.int64)
         if t is not None:
             wrong = wrong + (a.argmax(axis=1) != t[start:start + batch_size]).sum()
-    for l in net.layers:
-        l.cache = None
     counts = {name: (S[prev] if prev is not None else xp.full(shape, len(x), dtype=numpy.int64), S[name])
               for name, (prev, shape) in inputs.items()}
     return counts, int(wrong)
@@ -119,8 +117,6 @@ def _batched(layers, x, batch_size, fn):
             a = l.forward(a, train=False)
             l.cache = None
         out.append(fn(a, start))
-    for l in layers:
-        l.cache = None
     return get_array_module(x).concatenate(out)
 
 
