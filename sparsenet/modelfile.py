@@ -219,7 +219,7 @@ def _read_model(f, path, xp):
         layout = _layout(spec)
     if encoding == "compressed":
         with _prefixed(f"{path}: compressed streams: ", (ValueError, TypeError, KeyError, OSError)):
-            arrays = compressed.read(f, layout, lambda g, key, kinds: _dataset(g, key, kinds))
+            arrays = compressed.read(f, layout, _dataset)
         return _build(spec, arrays, path, xp)
     if not isinstance(f.get("params"), h5py.Group):
         raise SparsenetError(f"{path}: group 'params' is missing")
