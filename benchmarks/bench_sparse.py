@@ -7,13 +7,14 @@ Cases (random masks at the paper's densities unless ``--checkpoint`` gives a rea
 * one 4096×9216 layer (AlexNet fc6) at 9% and 4% density (AlexNet's and VGG-16's first FC layer),
 
 each at batch 1 and 64. "dense" is ``X W₂ᵀ`` (BLAS), "sparse" the CSR product of
-:func:`sparsenet.sparse.sparse_matmul_t`, "auto" the per-layer choice of
-:class:`~sparsenet.sparse.SparseNetwork`. Dense and sparse calls alternate, so both see
+:func:`sparsenet.inference.sparse_matmul_t` (on the GPU the warp-per-row kernel
+of :class:`sparsenet.cuda.CSRMatrix`), "auto" the per-layer choice of
+:class:`~sparsenet.inference.SparseNetwork` (on the GPU: timed once per layer and rows). Dense and sparse calls alternate, so both see
 the same machine state; latency is the median of the repeats, throughput = batch /
 latency, ratio = dense latency / sparse latency.
 
 ``--sweep`` prints instead the dense/sparse time ratio over densities, layer sizes and
-operand rows: the measurements behind :func:`sparsenet.sparse.prefer_sparse`.
+operand rows: the measurements behind :func:`sparsenet.inference.prefer_sparse` (CPU).
 
 Usage::
 
@@ -31,6 +32,8 @@ from functools import partial
 import numpy
 
 from sparsenet.backend import array_module, sparse_module
+from sparsenet.codecs import csr_from_dense
+from sparsenet.cuda import CSRMatrix
 from sparsenet.model import build_model, build_network
 from sparsenet.inference import SparseNetwork, layer_operand, sparse_matmul_t
 from sparsenet.modelfile import load_model
@@ -114,7 +117,8 @@ def sweep(xp, seconds):
             ratios = []
             for d in densities:
                 W = (rng.standard_normal((F, K)) * (rng.random((F, K)) < d)).astype(numpy.float32)
-                W2, csr, X = xp.asarray(W), sp.csr_matrix(xp.asarray(W)), xp.asarray(rng.random((M, K), dtype=numpy.float32))
+                csr = sp.csr_matrix(W) if xp is numpy else CSRMatrix(*csr_from_dense(W), W.shape)
+                W2, X = xp.asarray(W), xp.asarray(rng.random((M, K), dtype=numpy.float32))
                 td, ts = race([partial(xp.matmul, X, W2.T), partial(sparse_matmul_t, csr, X)], xp, seconds)
                 ratios.append(td / ts)
             print(f"{F:>5} x {K:<5} rows {M:>4}: " + " ".join(f"{r:5.2f}" for r in ratios), flush=True)

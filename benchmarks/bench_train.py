@@ -24,13 +24,14 @@ are used (the timing does not depend on pixel values).
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 
 import numpy
 
-from sparsenet import data as D
+from sparsenet import cuda, data as D
 from sparsenet.backend import array_module, to_device
 from sparsenet.model import build_model
 import dataclasses
@@ -90,7 +91,10 @@ def load_images(n):
     return x, t.astype(numpy.int64), src
 
 
-def bench_sparsenet(name, x, t, xp):
+def bench_sparsenet(name, x, t, xp, graphs=True):
+    """Seconds for one epoch (after a warm-up); on the GPU with the step replayed from CUDA graphs, or
+    with ``graphs`` False every step launched eagerly."""
+    os.environ[cuda.GRAPHS_ENV] = "1" if graphs else "0"
     cfg = TrainConfig(model=name)
     net = build_model(name, 0, xp)
     opt = SGD.from_settings(net.params(), dataclasses.asdict(cfg))
@@ -206,6 +210,10 @@ def main(argv=None):
                    "fraction_of_median_gemm": round(rate / sustained, 3)}
             line = (f"{name:14s} sparsenet {sec:7.2f} s/epoch  {rate:6.1f} GFLOP/s = {100 * rate / peak:5.1f}% of peak"
                     f" ({100 * rate / sustained:5.1f}% of median)")
+            if a.device == "gpu":  # the same epoch with every step launched eagerly
+                esec, _ = bench_sparsenet(name, x, t, xp, graphs=False)
+                row.update(eager_seconds=round(esec, 3), graph_speedup=round(esec / sec, 3))
+                line += f"   eager {esec:7.2f} s"
             if have_torch:
                 tsec, tver, nthreads = bench_torch(name, x, t, a.device)
                 row.update(torch_seconds=round(tsec, 3), torch_version=tver, torch_threads=nthreads,

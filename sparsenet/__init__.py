@@ -34,7 +34,8 @@ beyond: weight sharing          :func:`sparsenet.quantise.share_weights`, :meth:
 beyond: Huffman, compressed     :func:`sparsenet.huffman.encode`, :func:`sparsenet.compressed.write`
 ==============================  ===========================================================
 
-Supporting modules: :mod:`sparsenet.backend` (NumPy/CuPy dispatch), :mod:`sparsenet.model`
+Supporting modules: :mod:`sparsenet.backend` (NumPy/CuPy dispatch), :mod:`sparsenet.cuda` (the GPU's fused
+kernels, CUDA graphs and sparse kernel), :mod:`sparsenet.model`
 (networks: the LeNets, AlexNet, VGG-16), :mod:`sparsenet.data` (MNIST, the splits a run reads),
 :mod:`sparsenet.checkpoint` and
 :mod:`sparsenet.h5io` (HDF5 files), :mod:`sparsenet.cli` (the ``sparsenet`` command).

@@ -1,4 +1,5 @@
-"""NumPy/CuPy dispatch, the one place that knows CuPy exists (imported lazily, only here).
+"""NumPy/CuPy dispatch: with :mod:`sparsenet.cuda` (the GPU's own kernels) the only place that knows CuPy
+exists, and it imports CuPy lazily.
 
 Layer code calls :func:`get_array_module` on its arrays (as Chainer v1 does), so the same
 lines run on NumPy (CPU) and CuPy (GPU). The device: ``--device``, else
@@ -90,7 +91,19 @@ def set_threads(n=None):
     if n < 1:
         raise SparsenetError(f"threads must be a whole number >= 1, got {n!r}")
     threadpool_limits(n, user_api="blas")
+    global _threads
+    _threads = n
     return n
+
+
+_threads = None
+
+
+def ensure_threads():
+    """:func:`set_threads` with its default unless this process already chose a thread count: every run
+    (command line or API) computes with the same number of BLAS threads, so the same config gives the
+    same result whichever way it was started. Returns the count."""
+    return _threads if _threads is not None else set_threads()
 
 
 def blas_info():

@@ -17,6 +17,7 @@ atomically after every prune and epoch; ``log.jsonl`` and ``config.json`` (dense
 resumes to the same checkpoint and log as an uninterrupted one (bit-identical on the
 CPU). Nothing is written before the request is validated and the data loaded.
 """
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import numpy
 
-from . import pruning
-from .backend import array_module, device_name
+from . import cuda, pruning
+from .backend import array_module, device_name, ensure_threads
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ALL_DATASETS, ArraySplit, open_splits
 from .model import MODELS, build_model
@@ -199,17 +200,29 @@ def reuse_heap_memory():
 def train_epoch(net, opt, data, batch_size, rng, progress=None):
     """One pass over ``data`` (a split: :class:`~sparsenet.data.ArraySplit`, ImageNet's ImageFolder) in a
     random order drawn from ``rng``; returns ``(mean loss, training error)`` of the batches' forward
-    passes, before their updates."""
+    passes, before their updates.
+
+    On the GPU the step (forward, backward, update, running sums) is replayed from a CUDA graph per batch
+    shape (:class:`sparsenet.cuda.CapturedStep`) unless :func:`sparsenet.cuda.capturable` says why not;
+    the same kernels run either way, and nothing is copied to the host until the epoch ends."""
     xp = net.xp
     loss_sum = xp.zeros((), dtype=numpy.float64)
     wrong = xp.zeros((), dtype=numpy.int64)
-    for xb, tb in data.batches(batch_size, rng, train=True, xp=xp):
+
+    def body(xb, tb):
         loss, z = net.loss_and_backward(xb, tb)
-        opt.step()
-        loss_sum += loss * len(tb)
-        wrong += (z.argmax(axis=1) != tb).sum()
-        if progress is not None:
-            progress.update(1)
+        opt.apply()
+        xp.add(loss_sum, loss * len(tb), out=loss_sum)
+        xp.add(wrong, (z.argmax(axis=1) != tb).sum(), out=wrong)
+
+    captured = cuda.CapturedStep(body) if xp is not numpy and cuda.capturable(net, opt) is None else None
+    with captured or contextlib.nullcontext():
+        for xb, tb in data.batches(batch_size, rng, train=True, xp=xp):
+            opt.stage()
+            (captured or body)(xb, tb)
+            opt.advance()
+            if progress is not None:
+                progress.update(1)
     return float(loss_sum) / len(data), int(wrong) / len(data)
 
 
@@ -273,6 +286,7 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     ``base_config``: dataset, train_subset, …). ``epochs`` raises a resumed dense run's length."""
     run_dir = Path(run_dir)
     xp = array_module(device)
+    ensure_threads()
     if not resume and schedule is None:
         raise SparsenetError("a new run needs a schedule")
     if resume:

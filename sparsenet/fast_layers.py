@@ -17,8 +17,12 @@ order) with other memory layouts:
 
 Timings behind these choices: ``benchmarks/README.md``.
 """
+import numpy
+
+from . import cuda
 from .backend import get_array_module
-from .layers import conv_check, conv_output_size, pool_pad
+from .layers import conv_check, conv_output_size, pool_pad, softmax_cross_entropy_backward, \
+    softmax_cross_entropy_forward
 
 WORKSPACE = 1 << 28
 """Bytes: a convolution whose im2col matrix X for the whole batch would be larger runs in
@@ -32,7 +36,7 @@ def linear_forward(x, W, b):
 
     The batch is the short side of BLAS's output; y is a transposed (column-major) view.
     """
-    y = (W @ x.T).T
+    y = matmul(W, x.T).T
     y += b
     return y, (x, W)
 
@@ -47,11 +51,11 @@ def linear_backward(gy, cache, M=None, need_gx=True, need_gW=True):
     x, W = cache
     gW = gb = None
     if need_gW:
-        gW = gy.T @ x
+        gW = matmul(gy.T, x)
         if M is not None:
             gW *= M
         gb = gy.sum(axis=0)
-    gx = (W.T @ gy.T).T if need_gx else None
+    gx = matmul(W.T, gy.T).T if need_gx else None
     return gx, gW, gb
 
 
@@ -90,14 +94,34 @@ def im2col(x, kh, kw, stride, pad):
     return xp.ascontiguousarray(view)
 
 
+def add_bias(y, b, run):
+    """``y += b`` over the rows of ``y`` (M, F), row-major, in place, with ``run`` a divisor of M.
+
+    The same additions as ``y += b``, but over (M/run, run·F) against ``b`` tiled run times: NumPy's
+    broadcast runs an inner loop per row, which for a conv's F = 20 output channels costs 4× the add.
+    """
+    xp = get_array_module(y)
+    M, F = y.shape
+    if xp is not numpy or run <= 1 or M % run or not y.flags.c_contiguous:
+        y += b
+    else:
+        y.reshape(M // run, run * F)[...] += xp.tile(b, run)
+
+
+def matmul(a, b):
+    """``a @ b`` of two matrices: NumPy's on the CPU, one cuBLAS call on the GPU (:func:`sparsenet.cuda.matmul`,
+    which a CUDA graph can record)."""
+    return numpy.matmul(a, b) if get_array_module(a) is numpy else cuda.matmul(a, b)
+
+
 def sum_rows(G):
     """Σ over the rows of a matrix, as the matrix–vector product ``1ᵀ G`` (one BLAS call).
 
     For the tall, narrow gradient of a convolution (N·Ho·Wo rows, F columns) a GEMV beats
-    ``G.sum(axis=0)``, which NumPy runs as a strided reduction.
+    ``G.sum(axis=0)``, which NumPy runs as a strided reduction. On the GPU it is CuPy's reduction.
     """
     xp = get_array_module(G)
-    return xp.ones(G.shape[0], dtype=G.dtype) @ G
+    return xp.ones(G.shape[0], dtype=G.dtype) @ G if xp is numpy else G.sum(axis=0)
 
 
 def _operands(x, W, stride, pad, groups, n):
@@ -125,16 +149,16 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
     n = max(1, WORKSPACE // (Ho * Wo * kh * kw * C * x.itemsize))  # images per chunk
     if groups == 1 and n >= N:
         X = im2col(x, kh, kw, stride, pad).reshape(N * Ho * Wo, kh * kw * C)
-        y = X @ W.reshape(F, -1).T
-        y += b
+        y = matmul(X, W.reshape(F, -1).T)
+        add_bias(y, b, Wo)
         return y.reshape(N, Ho, Wo, F), (x, [X], W, stride, pad, groups, n)
     y, Xs = get_array_module(x).empty((N, Ho, Wo, F), dtype=x.dtype), ([] if n >= N else None)
     for r, g, X in _operands(x, W, stride, pad, groups, n):
-        y[r:r + n, :, :, g * Fg:(g + 1) * Fg] = (X @ W[g * Fg:(g + 1) * Fg].reshape(Fg, -1).T).reshape(-1, Ho, Wo, Fg)
+        y[r:r + n, :, :, g * Fg:(g + 1) * Fg] = matmul(X, W[g * Fg:(g + 1) * Fg].reshape(Fg, -1).T).reshape(-1, Ho, Wo, Fg)
         if Xs is not None:
             Xs.append(X)
         del X  # before the next chunk's im2col
-    y += b
+    add_bias(y.reshape(-1, F), b, Wo)
     return y, (x, Xs, W, stride, pad, groups, n)
 
 
@@ -163,14 +187,18 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
         f = slice(g * Fg, (g + 1) * Fg)
         G = gy[r:r + n, :, :, f].reshape(-1, Fg)
         if need_gW:
-            gW[f] += ((X.T @ G).T if X.flags.f_contiguous else G.T @ X).reshape(Fg, kh, kw, Cg)
+            gW[f] += (matmul(X.T, G).T if X.flags.f_contiguous else matmul(G.T, X)).reshape(Fg, kh, kw, Cg)
         if need_gx:
-            D = G @ W[f].transpose(1, 2, 0, 3)  # (kh, kw, F/G, C/G) weights -> (kh, kw, rows, C/G)
             gx_piece = gx[r:r + n, :, :, g * Cg:(g + 1) * Cg]
-            for i in range(kh):
-                for j in range(kw):
-                    _window(gx_piece, i, j, Ho, Wo, stride)[...] += D[i, j].reshape(-1, Ho, Wo, Cg)
-            del D
+            if xp is numpy:
+                D = G @ W[f].transpose(1, 2, 0, 3)  # (kh, kw, F/G, C/G) weights -> (kh, kw, rows, C/G)
+                blocks = [D[i, j].reshape(-1, Ho, Wo, Cg) for i in range(kh) for j in range(kw)]
+            else:  # one GEMM; the GPU adds strided blocks as fast as contiguous ones
+                D = matmul(G, W[f].reshape(Fg, -1)).reshape(-1, Ho, Wo, kh, kw, Cg)
+                blocks = [D[:, :, :, i, j] for i in range(kh) for j in range(kw)]
+            for o, block in enumerate(blocks):
+                _window(gx_piece, o // kw, o % kw, Ho, Wo, stride)[...] += block
+            del D, blocks
         del X  # before the next chunk's im2col
     gb = None
     if need_gW:
@@ -184,16 +212,29 @@ def conv2d_backward(gy, cache, M=None, need_gx=True, need_gW=True):
 
 # ----------------------------------------------------------------------------- pooling
 def maxpool2d_forward(x, k, stride, ceil=False):
-    """:func:`sparsenet.layers.maxpool2d_forward` as a running maximum over k² strided slabs.
+    """:func:`sparsenet.layers.maxpool2d_forward` as a running maximum over strided slabs.
 
     ``y = max_o x[:, i_o::s, j_o::s, :]`` over the kernel offsets, one vectorised op each
     (no im2col copy), on x padded with −inf for ``ceil`` (:func:`sparsenet.layers.pool_pad`).
+    When the windows tile the input (k = stride) the rows of a window are reduced first, over
+    whole image rows (W·C contiguous values per op, rather than runs of C), then its columns.
     No argmax is kept: the cache holds x and y, and the backward pass finds the winners
     again by comparison, which is free at inference.
     """
     xp = get_array_module(x)
     shape = x.shape
     x, Ho, Wo = pool_pad(x, k, stride, ceil)
+    if k == stride:
+        N, C = x.shape[0], x.shape[3]
+        rows = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo * k * C)
+        m = rows[:, :, 0].copy()
+        for i in range(1, k):
+            xp.maximum(m, rows[:, :, i], out=m)
+        m = m.reshape(N, Ho, Wo, k, C)
+        y = m[:, :, :, 0].copy()
+        for j in range(1, k):
+            xp.maximum(y, m[:, :, :, j], out=y)
+        return y, (x, y, k, stride, shape)
     y = _window(x, 0, 0, Ho, Wo, stride).copy()
     for o in range(1, k * k):
         xp.maximum(y, _window(x, o // k, o % k, Ho, Wo, stride), out=y)
@@ -214,21 +255,29 @@ def _keep_first(hits):
 def maxpool2d_backward(gy, cache):
     """:func:`sparsenet.layers.maxpool2d_backward`: winners found by comparing x with y.
 
-    When the windows tile the input (k = stride), ``x`` viewed as (N, Ho, k, Wo, k, C)
-    is compared with ``y`` in one broadcast, and ``gx`` is one broadcast product; the
-    offset-by-offset tie resolution (first offset in row-major order wins) runs only if
-    some window has two maxima (more winners than windows). Otherwise the k² offsets are
+    When the windows tile the input (k = stride), ``x`` viewed as (N, Ho, k, Wo·k·C) is
+    compared with ``y`` repeated along each image row in one broadcast, and ``gx`` is one
+    broadcast product; the offset-by-offset tie resolution (first offset in row-major order
+    wins) runs only if some window has two maxima (more winners than windows; on the GPU
+    always, since counting them would wait for the device). Otherwise the k² offsets are
     handled one slab at a time. A ceil-padded x's gradient is cropped back to the input.
     """
     x, y, k, stride, shape = cache
     xp = get_array_module(gy)
     N, Ho, Wo, C = gy.shape
     if k == stride:
-        xt = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo, k, C)
-        w = xt == y[:, :, None, :, None, :]
-        if int(xp.count_nonzero(w)) > y.size:
-            _keep_first([w[:, :, o // k, :, o % k] for o in range(k * k)])
-        tiles = (w * gy[:, :, None, :, None, :]).reshape(N, Ho * k, Wo * k, C)
+        # (N, Ho, k, Wo·k·C): a window row per middle index, y and gy repeated k times along each row,
+        # so every op runs over whole image rows (W·C values) rather than runs of C
+        xt = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo * k * C)
+        def spread(a):
+            if xp is numpy:
+                return xp.repeat(a, k, axis=2).reshape(N, Ho, 1, Wo * k * C)
+            return xp.broadcast_to(a[:, :, :, None, :], (N, Ho, Wo, k, C)).reshape(N, Ho, 1, Wo * k * C)
+        w = xt == spread(y)
+        if xp is not numpy or int(xp.count_nonzero(w)) > y.size:  # some window has two maxima (GPU: no sync)
+            w6 = w.reshape(N, Ho, k, Wo, k, C)
+            _keep_first([w6[:, :, o // k, :, o % k] for o in range(k * k)])
+        tiles = (w * spread(gy)).reshape(N, Ho * k, Wo * k, C)
         if tiles.shape == x.shape:
             gx = tiles
         else:
@@ -241,3 +290,18 @@ def maxpool2d_backward(gy, cache):
         for o in range(k * k):
             _window(gx, o // k, o % k, Ho, Wo, stride)[...] += gy * w[o]
     return gx if gx.shape == shape else gx[:, :shape[1], :shape[2]]
+
+
+# ----------------------------------------------------------------------------- activations and loss
+def relu_backward(gy, cache):
+    """:func:`sparsenet.layers.relu_backward`; on the GPU one fused kernel (:func:`sparsenet.cuda.relu_backward`)."""
+    return gy * (cache > 0) if get_array_module(gy) is numpy else cuda.relu_backward(gy, cache)
+
+
+def softmax_cross_entropy(z, t):
+    """``(loss, gz)``: :func:`sparsenet.layers.softmax_cross_entropy_forward` and its backward for dL/dloss = 1;
+    on the GPU one kernel and one mean (:func:`sparsenet.cuda.softmax_cross_entropy`)."""
+    if get_array_module(z) is not numpy:
+        return cuda.softmax_cross_entropy(z, t)
+    loss, cache = softmax_cross_entropy_forward(z, t)
+    return loss, softmax_cross_entropy_backward(1.0, cache)

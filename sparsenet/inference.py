@@ -1,39 +1,42 @@
 """Sparse inference: pruned layers run as sparse matrix products.
 
 :class:`SparseNetwork` runs each Linear/Conv2d of a :class:`~sparsenet.model.Network` dense (``X W₂ᵀ``, BLAS)
-or sparse (``(W_csr Xᵀ)ᵀ``; one SpMV ``W_csr x`` for a single row), chosen per layer and call by
-:func:`prefer_sparse`. ``W₂`` is the weight as its layer's matrix (:func:`sparsenet.codecs.as_matrix`); its CSR
-copy holds the non-zero weights (a surviving 0.0 adds nothing), on ``scipy.sparse`` or ``cupyx.scipy.sparse``.
+or sparse (``(W_csr Xᵀ)ᵀ``; one SpMV ``W_csr x`` for a single row), chosen per layer and call: on the CPU by
+the measured rule :func:`prefer_sparse`, on the GPU by timing both products once per layer and row count
+(:meth:`SparseNetwork.plan`). ``W₂`` is the weight as its layer's matrix (:func:`sparsenet.codecs.as_matrix`);
+its CSR copy holds the non-zero weights (a surviving 0.0 adds nothing): ``scipy.sparse`` on the CPU, on the
+GPU :class:`sparsenet.cuda.CSRMatrix` (a warp per row of W₂; cuSPARSE's general kernels lost to the dense
+GEMV at batch 1 on an H100).
 """
 import math
 
 import numpy
 
-from . import layers as L
-from .backend import asnumpy, sparse_module, to_device
+import scipy.sparse
+
+from . import cuda, layers as L
+from .backend import asnumpy
 from .codecs import as_matrix, csr_from_dense
 from .model import predict_batches
 from .util import SparsenetError
 
 
-def prefer_sparse(density, rows, n_weights, xp=numpy):
-    """Whether a product ``X W₂ᵀ`` runs faster with W₂ as CSR (measured rule, README).
+def prefer_sparse(density, rows, n_weights):
+    """Whether a product ``X W₂ᵀ`` runs faster on the CPU with W₂ as CSR (measured rule, README).
 
     ``density``: W₂'s non-zero fraction; ``rows``: rows of X (the batch size for a Linear, N·Ho·Wo for a
     Conv2d); ``n_weights``: W₂'s size.
 
-    CPU (``benchmarks/bench_sparse.py --sweep``, 2-core EPYC, OpenBLAS with two threads, scipy on one):
-    scipy's CSR kernels cost about 0.5–1 ns per stored weight and row of X plus a few µs per call; a dense
-    GEMV about 0.05–0.1 ns per weight while W₂ stays in cache, more once it streams from memory; a dense
-    GEMM (several rows) much less per weight and row. Hence: one row: sparse at density ≤ 10% for ≥ 4M
+    Measured with ``benchmarks/bench_sparse.py --sweep`` (2-core EPYC, OpenBLAS with two threads, scipy on
+    one): scipy's CSR kernels cost about 0.5–1 ns per stored weight and row of X plus a few µs per call; a
+    dense GEMV about 0.05–0.1 ns per weight while W₂ stays in cache, more once it streams from memory; a
+    dense GEMM (several rows) much less per weight and row. Hence: one row: sparse at density ≤ 10% for ≥ 4M
     weights (1.3× at 10%, 0.7× at 20%), ≤ 3% for ≥ 100K weights (a 1024×1024 layer gains 1.9× at 2% and
     loses at 5%), never for smaller layers (call overhead); 2–64 rows: ≤ 5% when rows × weights ≥ 1M
     (1.3–3.2× at 5%, about even at 10%); more rows (BLAS's GEMM at its best): ≤ 2% when rows × weights ≥ 1M.
 
-    GPU: not measured; a conservative guess, sparse only for one row, ≥ 1M weights and density ≤ 10%.
+    The GPU has no such rule: :class:`SparseNetwork` times both products there.
     """
-    if xp is not numpy:
-        return rows == 1 and n_weights >= 1_000_000 and density <= 0.10
     if rows == 1:
         return n_weights >= 100_000 and density <= (0.10 if n_weights >= 4_000_000 else 0.03)
     return density <= (0.05 if rows <= 64 else 0.02) and rows * n_weights >= 1_000_000
@@ -51,7 +54,10 @@ def layer_operand(layer, x):
 
 
 def sparse_matmul_t(W_csr, X):
-    """``Y = X Wᵀ`` for dense X (M, K), sparse W (F, K) → (M, F): one SpMV ``W x`` if M = 1, else ``(W Xᵀ)ᵀ``."""
+    """``Y = X Wᵀ`` for dense X (M, K), sparse W (F, K) → (M, F): one SpMV ``W x`` if M = 1, else ``(W Xᵀ)ᵀ``
+    (scipy); :meth:`sparsenet.cuda.CSRMatrix.matmul_t` for a GPU matrix."""
+    if hasattr(W_csr, "matmul_t"):
+        return W_csr.matmul_t(X)
     return (W_csr @ X[0])[None, :] if X.shape[0] == 1 else (W_csr @ X.T).T
 
 
@@ -69,7 +75,8 @@ class SparseNetwork:
         if mode not in ("auto", "dense", "sparse"):
             raise SparsenetError(f"unknown inference mode {mode!r}: use auto, dense or sparse")
         self.net, self.mode, self.xp = net, mode, net.xp
-        sp, self.mats = sparse_module(self.xp), {}
+        self.measured = {}  # GPU: (layer, rows) -> sparse faster?
+        self.mats = {}
         for l in net.layers:
             if isinstance(l, L.Linear | L.Conv2d):
                 W = asnumpy(l.params["W"].data)
@@ -80,8 +87,10 @@ class SparseNetwork:
                         full[g * F // G:(g + 1) * F // G, ..., g * Cg:(g + 1) * Cg] = W[g * F // G:(g + 1) * F // G]
                     W = full
                 data, indices, indptr = csr_from_dense(as_matrix(W))
-                csr = sp.csr_matrix(tuple(to_device(a, self.xp) for a in (data, indices, indptr)),
-                                    shape=as_matrix(W).shape)
+                if self.xp is numpy:
+                    csr = scipy.sparse.csr_matrix((data, indices, indptr), shape=as_matrix(W).shape)
+                else:
+                    csr = cuda.CSRMatrix(data, indices, indptr, as_matrix(W).shape)
                 W2 = as_matrix(l.params["W"].data) if getattr(l, "groups", 1) == 1 else None  # dense: the layer's own
                 n = l.params["W"].size
                 self.mats[l.name] = (W2, csr, len(data) / n if n else 1.0, n)
@@ -99,8 +108,16 @@ class SparseNetwork:
     def _sparse(self, name, rows):
         if self.mode != "auto":
             return self.mode == "sparse"
-        _, _, density, n_weights = self.mats[name]
-        return prefer_sparse(density, rows, n_weights, self.xp)
+        W2, csr, density, n_weights = self.mats[name]
+        if self.xp is numpy:
+            return prefer_sparse(density, rows, n_weights)
+        if W2 is None:  # a grouped conv: its own forward is the dense baseline
+            return False
+        key = (name, rows)
+        if key not in self.measured:  # on a random operand of the real shape: the times do not depend on values
+            X = self.xp.asarray(numpy.random.default_rng(0).random((rows, W2.shape[1]), dtype=numpy.float32))
+            self.measured[key] = cuda.time_ms(lambda: csr.matmul_t(X)) < cuda.time_ms(lambda: X @ W2.T)
+        return self.measured[key]
 
     def forward(self, x):
         """Logits for a batch ``x`` (N, *input_shape); a grouped conv run dense is the layer's own forward."""

@@ -7,7 +7,7 @@ import math
 
 import numpy
 
-from . import layers as L
+from . import fast_layers as fast, layers as L
 from .backend import get_array_module
 from .util import SparsenetError, whole
 
@@ -222,8 +222,8 @@ class Network:
     def loss_and_backward(self, x, t):
         """Training step without the update: returns ``(loss, logits)``."""
         z = self.forward(x, train=True)
-        loss, cache = L.softmax_cross_entropy_forward(z, t)
-        self.backward(L.softmax_cross_entropy_backward(1.0, cache))
+        loss, gz = fast.softmax_cross_entropy(z, t)
+        self.backward(gz)
         return loss, z
 
     def predict(self, x, batch_size=None):

@@ -33,6 +33,9 @@ pruning schedules, the command-line flags and :class:`SGD` all use these names.
 """
 import math
 
+import numpy
+
+from . import cuda
 from .backend import get_array_module
 from .util import SparsenetError, whole
 
@@ -81,6 +84,7 @@ class SGD:
                                         "step_size": step_size, "momentum": momentum,
                                         "weight_decay": weight_decay, "l1": l1})
         self.params, self.iteration = params, 0
+        self._lr, self._fused, self._scales = None, None, None
 
     @classmethod
     def from_settings(cls, params, settings):
@@ -93,10 +97,37 @@ class SGD:
 
     def step(self):
         """Apply one update to every parameter that has a gradient; advance t."""
-        s, lr = self.settings, self.current_lr()
-        for p in self.params.values():
+        self.stage()
+        self.apply()
+        self.advance()
+
+    def stage(self):
+        """Fix η_t for the next :meth:`apply`. On the GPU also copy each parameter's η_t·lr_mult into the
+        device buffer that the fused update kernel reads (a recorded CUDA graph reads it there too)."""
+        self._lr = lr = self.current_lr()
+        self._fused = [get_array_module(p.data) is not numpy and cuda.fusable(p) for p in self.params.values()]
+        if any(self._fused):
+            if self._scales is None:
+                self._scales = get_array_module(next(iter(self.params.values())).data).zeros(len(self.params),
+                                                                                         numpy.float32)
+            self._scales.set(numpy.array([lr * p.lr_mult for p in self.params.values()], numpy.float32))
+
+    def advance(self):
+        """t ← t + 1 (after the step's :meth:`apply`)."""
+        self.iteration += 1
+
+    def apply(self):
+        """The update of the module docstring with the η_t of the last :meth:`stage`; clears the gradients.
+        On the GPU a float32 parameter takes it in one kernel (:func:`sparsenet.cuda.sgd_update`, the same
+        float32 arithmetic op for op); the lines below are the reference."""
+        s, lr = self.settings, self._lr
+        for slot, p in enumerate(self.params.values()):
             g = p.grad
             if g is None:
+                continue
+            if self._fused[slot]:
+                cuda.sgd_update(p, s, self._scales, slot)
+                p.grad = None
                 continue
             xp = get_array_module(p.data)
             if s["weight_decay"] and p.decay_mult:
@@ -122,7 +153,6 @@ class SGD:
             if p.prunable:
                 p.zero_pruned()
             p.grad = None
-        self.iteration += 1
 
     def state_dict(self):
         """Settings and t (JSON-able)."""

@@ -1,6 +1,5 @@
 """The README as a user reads it: its Python example runs, it stays short, it points only
 at files the repository has, and it names no issue numbers or commit hashes."""
-import os
 import re
 from pathlib import Path
 

@@ -1,0 +1,442 @@
+"""CUDA kernels for the CuPy path: the GPU counterpart of :mod:`sparsenet.fast_layers`.
+
+At batch 64 the LeNets are bound by kernel launches and Python per step, not arithmetic, so the GPU
+path does the same work in fewer launches:
+
+* :func:`sgd_update`: the optimiser's momentum/decay/L1/mask update of one parameter in one kernel
+  (NumPy: seven array passes), op for op the arithmetic of :meth:`sparsenet.optim.SGD.step`, compiled
+  without fused multiply-adds, so it gives the NumPy path's float32 values bit for bit.
+* :func:`softmax_cross_entropy`: loss rows and the logits' gradient in one kernel (NumPy: about twelve).
+* :func:`relu_backward`: ``gy · [y > 0]`` in one elementwise kernel (NumPy: two).
+* :class:`CapturedStep`: a whole training step (forward, backward, update, running sums) recorded
+  once per batch shape as a CUDA graph and replayed, so a step costs a handful of launches.
+* :class:`CSRMatrix`: CSR products ``X Wᵀ`` for few rows (one warp per row of W, the rows of X in
+  registers), the sparse-inference kernel; :func:`time_ms` measures it against the dense product.
+
+Nothing here runs on the CPU: CuPy is imported by the functions, never by the module, and only
+:mod:`sparsenet.backend` and this module know CuPy exists. The kernel source is plain CUDA C
+(``SOURCE``, compiled by NVRTC at first use); ``tests/test_cuda.py`` compiles it with ``nvcc`` where
+one is installed and checks every kernel against the NumPy path on a GPU.
+"""
+import math
+import os
+import warnings
+
+import numpy
+
+from .util import SparsenetError
+
+SOURCE = r"""
+// sgd_update: one parameter's step (sparsenet.optim.SGD), each float op rounded as NumPy rounds it
+// (compiled with --fmad=false). scale[slot] = lr_t * lr_mult, staged on the device before the launch so a
+// captured graph reads the current learning rate. keep: the mask's bits (all ones kept, 0 pruned), or unused.
+extern "C" __global__ void sgd_update(float* __restrict__ W, const float* __restrict__ G, float* __restrict__ V,
+                                      const unsigned int* __restrict__ keep, long long n, int has_keep,
+                                      int has_wd, float wd, int has_l1, float l1, float mu,
+                                      const float* __restrict__ scale, int slot) {
+    const float s = scale[slot];
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        float w = W[i], g = G[i];
+        if (has_wd) g = g + w * wd;
+        if (has_l1) g = g + (w > 0.f ? 1.f : (w < 0.f ? -1.f : (w == 0.f ? 0.f : w))) * l1;  // numpy.sign(w)
+        float v = V[i] * mu;
+        g = g * s;
+        v = v + g;
+        w = w - v;
+        if (has_keep) {
+            const unsigned int k = keep[i];
+            w = __uint_as_float(__float_as_uint(w) & k);
+            v = __uint_as_float(__float_as_uint(v) & k);
+        }
+        W[i] = w;
+        V[i] = v;
+    }
+}
+
+// Softmax cross-entropy, one thread per row n of the logits z (N, K) with element strides (sn, sk):
+// loss[n] = -log p[n, t_n], gz[n, k] = (p[n, k] - [k = t_n]) * scale (gz row-major; scale = dL/dloss / N).
+extern "C" __global__ void softmax_xent(const float* __restrict__ z, long long sn, long long sk,
+                                        const long long* __restrict__ t, int N, int K,
+                                        float* __restrict__ loss, float* __restrict__ gz, float scale) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* zn = z + n * sn;
+    float m = zn[0];
+    for (int k = 1; k < K; ++k) m = fmaxf(m, zn[k * sk]);
+    float s = 0.f;
+    for (int k = 0; k < K; ++k) s += expf(zn[k * sk] - m);
+    const float lse = logf(s);
+    const long long tn = t[n];
+    loss[n] = (tn >= 0 && tn < K) ? -((zn[tn * sk] - m) - lse) : __int_as_float(0x7fc00000);
+    for (int k = 0; k < K; ++k) {
+        const float p = expf((zn[k * sk] - m) - lse);
+        gz[(long long)n * K + k] = (p - (k == tn ? 1.f : 0.f)) * scale;
+    }
+}
+
+// Y (M, F) = X (M, K) Wᵀ with W (F, K) in CSR (data, indices, indptr; int32). One warp per row r of W and
+// up to B rows of X (blockIdx.y picks which): the lanes stride through the row's non-zeros (coalesced
+// reads of data and indices), each keeping B partial sums, reduced across the warp by shuffles.
+template <int B>
+__device__ void csr_rows(const float* __restrict__ data, const int* __restrict__ indices,
+                         const int* __restrict__ indptr, int F, const float* __restrict__ X, int M, int K,
+                         float* __restrict__ Y) {
+    const int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const int m0 = blockIdx.y * B;
+    if (r >= F) return;  // blockDim.x is a multiple of 32: whole warps leave together
+    float acc[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[b] = 0.f;
+    const int end = indptr[r + 1];
+    for (int p = indptr[r] + lane; p < end; p += 32) {
+        const float w = data[p];
+        const int c = indices[p];
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+            if (m0 + b < M) acc[b] += w * X[(long long)(m0 + b) * K + c];
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        float v = acc[b];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0 && m0 + b < M) Y[(long long)(m0 + b) * F + r] = v;
+    }
+}
+
+extern "C" __global__ void csr_matmul_t_1(const float* data, const int* indices, const int* indptr, int F,
+                                          const float* X, int M, int K, float* Y) {
+    csr_rows<1>(data, indices, indptr, F, X, M, K, Y);
+}
+
+extern "C" __global__ void csr_matmul_t_8(const float* data, const int* indices, const int* indptr, int F,
+                                          const float* X, int M, int K, float* Y) {
+    csr_rows<8>(data, indices, indptr, F, X, M, K, Y);
+}
+"""
+KERNELS = ("sgd_update", "softmax_xent", "csr_matmul_t_1", "csr_matmul_t_8")
+OPTIONS = ("--std=c++14", "--fmad=false")
+THREADS = 256
+
+_module = None
+_relu_backward = None
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def kernel(name):
+    """The compiled kernel ``name`` of :data:`SOURCE` (compiled once per process)."""
+    global _module
+    if _module is None:
+        _module = _cupy().RawModule(code=SOURCE, options=OPTIONS, name_expressions=None)
+    return _module.get_function(name)
+
+
+def _blocks(n):
+    return max(1, min(math.ceil(n / THREADS), 65535))
+
+
+# ----------------------------------------------------------------------------- cuBLAS
+_cublas = None
+
+
+def _find_cublas():
+    """cuBLAS as CuPy loaded it: ``(library, handle)``, or a string saying why it is out of reach."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        handle = _cupy().cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS
+    except Exception as e:  # noqa: BLE001 - no CuPy, no device: say so
+        return f"no cuBLAS handle ({type(e).__name__}: {e})"
+    path = None
+    try:
+        with open("/proc/self/maps") as f:
+            path = next((l.split(None, 5)[5].strip() for l in f if "libcublas.so" in l and len(l.split(None, 5)) == 6),
+                        None)
+    except OSError:
+        pass
+    path = path or ctypes.util.find_library("cublas")
+    if not path:
+        return "cuBLAS library not found in this process"
+    try:
+        lib = ctypes.CDLL(path)
+        lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cublasSgemm_v2.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    except (OSError, AttributeError) as e:
+        return f"cuBLAS at {path} unusable ({e})"
+    return lib, ctypes.c_void_p(handle), ctypes.byref(ctypes.c_float(1.0)), ctypes.byref(ctypes.c_float(0.0))
+
+
+def cublas():
+    """``(library, handle, &1, &0)`` for :func:`matmul`, or a string saying why cuBLAS cannot be called."""
+    global _cublas
+    if _cublas is None:
+        _cublas = _find_cublas()
+    return _cublas
+
+
+def matmul(a, b):
+    """``a @ b`` for 2-D float32 CuPy arrays as one ``cublasSgemm`` call on the current stream: a new
+    row-major (M, N) result; each operand is read as stored when it is row- or column-major.
+
+    CuPy's own matmul refuses to run while a stream is being recorded into a CUDA graph (its cuBLAS
+    wrapper checks, as of CuPy 14), so the GPU layers multiply through cuBLAS here; the same call runs
+    eagerly and recorded, so replays give the eager values. Row-major C = A B is column-major
+    Cᵀ = Bᵀ Aᵀ: a row-major operand is already its transpose to cuBLAS, a column-major one is taken
+    with op = T.
+    """
+    import ctypes
+
+    cupy = _cupy()
+    lib = cublas()
+    if isinstance(lib, str) or a.dtype != numpy.float32 or b.dtype != numpy.float32 or a.ndim != 2 or b.ndim != 2:
+        return cupy.matmul(a, b)
+    lib, handle, one, zero = lib
+    (M, K), (K2, N) = a.shape, b.shape
+    if K != K2:
+        raise SparsenetError(f"matmul: shapes {a.shape} and {b.shape} do not chain")
+    if M == 0 or N == 0 or K == 0:
+        return cupy.zeros((M, N), numpy.float32)
+
+    def operand(x, rows, cols):  # (array, op, leading dimension) in cuBLAS's column-major terms
+        if x.flags.c_contiguous:
+            return x, 0, max(1, cols)
+        if x.flags.f_contiguous:
+            return x, 1, max(1, rows)
+        return cupy.ascontiguousarray(x), 0, max(1, cols)
+
+    a, op_a, ld_a = operand(a, M, K)
+    b, op_b, ld_b = operand(b, K, N)
+    c = cupy.empty((M, N), numpy.float32)
+    lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr))
+    status = lib.cublasSgemm_v2(handle, op_b, op_a, N, M, K, one, ctypes.c_void_p(b.data.ptr), ld_b,
+                                ctypes.c_void_p(a.data.ptr), ld_a, zero, ctypes.c_void_p(c.data.ptr), N)
+    if status != 0:
+        raise SparsenetError(f"cublasSgemm failed with status {status} for shapes {a.shape} @ {b.shape}")
+    return c
+
+
+# ----------------------------------------------------------------------------- optimiser
+def fusable(p):
+    """Whether :func:`sgd_update` can step Param ``p``: float32, no shared values, contiguous state."""
+    return p.codebook is None and p.data.dtype == numpy.float32 and p.data.flags.c_contiguous
+
+
+def sgd_update(p, settings, scales, slot):
+    """One :meth:`sparsenet.optim.SGD.step` of Param ``p`` (its grad set, :func:`fusable`) in one kernel.
+
+    ``scales``: a device float32 array holding lr_t · lr_mult for this parameter at ``scales[slot]``.
+    The momentum buffer V is created (zeros) at the first step; ``p.grad`` is left as it was.
+    """
+    cupy = _cupy()
+    v = p.state.get("momentum")
+    if v is None:
+        v = p.state["momentum"] = cupy.zeros_like(p.data)
+    g = cupy.ascontiguousarray(p.grad, dtype=numpy.float32)
+    keep = p._keep
+    wd = settings["weight_decay"] * p.decay_mult
+    l1 = settings["l1"] * p.decay_mult
+    n = p.data.size
+    kernel("sgd_update")((_blocks(n),), (THREADS,), (
+        p.data, g, v, keep if keep is not None else p.data, numpy.int64(n), numpy.int32(keep is not None),
+        numpy.int32(bool(settings["weight_decay"] and p.decay_mult)), numpy.float32(wd),
+        numpy.int32(bool(settings["l1"] and p.decay_mult)), numpy.float32(l1),
+        numpy.float32(settings["momentum"]), scales, numpy.int32(slot)))
+
+
+# ----------------------------------------------------------------------------- layers
+def softmax_cross_entropy(z, t, gloss=1.0):
+    """``(loss, gz)``: :func:`sparsenet.layers.softmax_cross_entropy_forward` and its backward in one
+    kernel (rows of the loss) and one mean; z (N, K) float32 in any layout, t (N,) integer labels."""
+    cupy = _cupy()
+    N, K = z.shape
+    if N == 0:  # NumPy's mean of nothing
+        return cupy.full((), numpy.nan, numpy.float32), cupy.empty((0, K), numpy.float32)
+    t = t if t.dtype == numpy.int64 else t.astype(numpy.int64)
+    rows = cupy.empty(N, dtype=numpy.float32)
+    gz = cupy.empty((N, K), dtype=numpy.float32)
+    sn, sk = (s // z.itemsize for s in z.strides)
+    kernel("softmax_xent")((math.ceil(N / 128),), (128,), (
+        z, numpy.int64(sn), numpy.int64(sk), cupy.ascontiguousarray(t), numpy.int32(N), numpy.int32(K),
+        rows, gz, numpy.float32(gloss / N)))
+    return rows.mean(), gz
+
+
+def relu_backward(gy, y):
+    """``gx = gy · [y > 0]`` (:func:`sparsenet.layers.relu_backward`) as one elementwise kernel."""
+    global _relu_backward
+    if _relu_backward is None:
+        _relu_backward = _cupy().ElementwiseKernel("T gy, T y", "T gx", "gx = gy * (T)(y > (T)0)",
+                                                   "sparsenet_relu_backward")
+    return _relu_backward(gy, y)
+
+
+# ----------------------------------------------------------------------------- sparse inference
+class CSRMatrix:
+    """A (F, K) float32 matrix in CSR on the GPU, multiplied by :meth:`matmul_t` (``X Wᵀ``)."""
+
+    def __init__(self, data, indices, indptr, shape):
+        cupy = _cupy()
+        self.data = cupy.asarray(data, dtype=numpy.float32)
+        self.indices = cupy.asarray(indices, dtype=numpy.int32)
+        self.indptr = cupy.asarray(indptr, dtype=numpy.int32)
+        self.shape = tuple(shape)
+        if len(self.indptr) != self.shape[0] + 1:
+            raise SparsenetError(f"CSR indptr has {len(self.indptr)} entries for {self.shape[0]} rows")
+
+    @property
+    def nnz(self):
+        return int(self.data.size)
+
+    def matmul_t(self, X):
+        """``Y = X Wᵀ`` for dense X (M, K) → (M, F) float32."""
+        cupy = _cupy()
+        F, K = self.shape
+        X = cupy.ascontiguousarray(X, dtype=numpy.float32)
+        if X.ndim != 2 or X.shape[1] != K:
+            raise SparsenetError(f"CSR product: X has shape {X.shape}, expected (rows, {K})")
+        M = X.shape[0]
+        Y = cupy.empty((M, F), dtype=numpy.float32)
+        if M == 0 or F == 0:
+            return Y
+        b = 1 if M == 1 else 8
+        warps, step = THREADS // 32, 65535 * b  # a grid has at most 65535 blocks along y
+        for r in range(0, M, step):
+            m = min(step, M - r)
+            kernel(f"csr_matmul_t_{b}")((math.ceil(F / warps), math.ceil(m / b)), (THREADS,), (
+                self.data, self.indices, self.indptr, numpy.int32(F), X[r:r + m], numpy.int32(m), numpy.int32(K),
+                Y[r:r + m]))
+        return Y
+
+
+def time_ms(fn, repeat=5):
+    """Median milliseconds of ``fn()`` on the GPU (CUDA events around each call, one warm-up call)."""
+    cupy = _cupy()
+    fn()
+    times = []
+    for _ in range(repeat):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return float(numpy.median(times))
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+GRAPHS_ENV = "SPARSENET_CUDA_GRAPHS"
+
+
+def graphs_enabled():
+    """False when ``$SPARSENET_CUDA_GRAPHS`` is 0/false/no/off (then every step runs eagerly)."""
+    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def capturable(net, opt):
+    """Why a training step of ``net`` with ``opt`` cannot be captured as a graph, or None if it can.
+
+    A graph replays fixed kernels on fixed buffers, so it cannot draw new dropout masks (random numbers),
+    step shared weights (the codebook step sums by code) or follow a parameter the step rebinds."""
+    if not graphs_enabled():
+        return f"{GRAPHS_ENV} is off"
+    if any(l.kind == "dropout" and getattr(l, "rate", 0.0) > 0 for l in net.layers):
+        return "dropout draws new masks every step"
+    if not all(fusable(p) for p in opt.params.values()):
+        return "a parameter has shared values or is not float32"
+    if _failed:
+        return f"an earlier capture in this process failed ({_failed})"
+    return cublas() if isinstance(cublas(), str) else None
+
+
+_stream = None
+_failed = None
+
+
+class CapturedStep:
+    """Training steps replayed from CUDA graphs, one per batch shape.
+
+    ``body(x, t)`` runs one step (forward, backward, ``opt.apply`` with the staged device learning
+    rates, running sums updated in place) on the arrays it is given. The first batch of each shape runs
+    eagerly (it creates the optimiser state and compiles the kernels); the second is copied into
+    buffers owned here and ``body`` is recorded on a private stream; it and every later batch of that
+    shape are copied into those buffers and the graph is launched. The replayed kernels are the eager
+    ones, so results are bit-identical to eager steps. If recording fails (an operation that waits for
+    the device, say), a warning names the cause and every later step of the process runs eagerly.
+
+    Use as a context manager around the epoch: entering waits for the default stream's work, leaving
+    waits for the private stream's, so code before and after sees ordered results.
+    """
+
+    def __init__(self, body):
+        global _stream
+        if _stream is None:  # one per process: CuPy's memory pool keeps freed blocks per stream
+            _stream = _cupy().cuda.Stream(non_blocking=True)
+        self.body, self.graphs, self.seen, self.failed, self.stream = body, {}, set(), None, _stream
+
+    def __enter__(self):
+        cupy = _cupy()
+        cupy.cuda.Stream.null.synchronize()
+        self.stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.__exit__(*exc)
+        self.stream.synchronize()
+        self.graphs.clear()
+        return False
+
+    def __call__(self, x, t):
+        key = (x.shape, x.dtype.str, t.shape, t.dtype.str)
+        if self.failed or key not in self.seen:
+            self.seen.add(key)
+            return self.body(x, t)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._record(key, x, t)
+            if entry is None:
+                return self.body(x, t)
+        graph, bx, bt = entry
+        bx[...] = x
+        bt[...] = t
+        graph.launch(self.stream)
+        return None
+
+    def _record(self, key, x, t):
+        cupy = _cupy()
+        bx, bt = cupy.empty_like(x), cupy.empty_like(t)
+        s = self.stream
+        try:
+            s.begin_capture()
+        except Exception as e:  # noqa: BLE001 - any driver refusal means: run eagerly
+            return self._give_up(e)
+        try:
+            self.body(bx, bt)
+        except Exception as e:  # noqa: BLE001
+            try:
+                s.end_capture()
+            except Exception:  # noqa: BLE001 - the capture is already invalid
+                pass
+            return self._give_up(e)
+        try:
+            graph = s.end_capture()
+        except Exception as e:  # noqa: BLE001
+            return self._give_up(e)
+        self.graphs[key] = (graph, bx, bt)
+        return self.graphs[key]
+
+    def _give_up(self, e):
+        global _failed
+        self.failed = _failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"CUDA graph capture failed ({self.failed}); training steps run eagerly from now on",
+                      stacklevel=3)
+        return None
