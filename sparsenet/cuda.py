@@ -147,7 +147,8 @@ _cublas = None
 
 
 def _find_cublas():
-    """cuBLAS as CuPy loaded it: ``(library, handle)``, or a string saying why it is out of reach."""
+    """cuBLAS as CuPy loaded it: ``(library, CuPy's handle, &1.0f, &0.0f)``, or a string saying why it is out of
+    reach. The library is found among the files mapped into this process (the one CuPy uses), else by name."""
     import ctypes
     import ctypes.util
 
@@ -168,6 +169,7 @@ def _find_cublas():
     try:
         lib = ctypes.CDLL(path)
         lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cublasSetPointerMode_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.cublasSgemm_v2.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -182,6 +184,12 @@ def cublas():
     if _cublas is None:
         _cublas = _find_cublas()
     return _cublas
+
+
+def _ptr(x):
+    import ctypes
+
+    return ctypes.c_void_p(x.data.ptr)
 
 
 def matmul(a, b):
@@ -218,8 +226,8 @@ def matmul(a, b):
     b, op_b, ld_b = operand(b, K, N)
     c = cupy.empty((M, N), numpy.float32)
     lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr))
-    status = lib.cublasSgemm_v2(handle, op_b, op_a, N, M, K, one, ctypes.c_void_p(b.data.ptr), ld_b,
-                                ctypes.c_void_p(a.data.ptr), ld_a, zero, ctypes.c_void_p(c.data.ptr), N)
+    lib.cublasSetPointerMode_v2(handle, 0)  # alpha, beta on the host (CuPy shares this handle)
+    status = lib.cublasSgemm_v2(handle, op_b, op_a, N, M, K, one, _ptr(b), ld_b, _ptr(a), ld_a, zero, _ptr(c), N)
     if status != 0:
         raise SparsenetError(f"cublasSgemm failed with status {status} for shapes {a.shape} @ {b.shape}")
     return c

@@ -6,8 +6,10 @@ check each kernel against NumPy: the fused update bit for bit, the loss and the 
 rounding, and training with CUDA graphs bit for bit against eager training. ``tests/test_cuda_emulated.py``
 runs the same kernels on the CPU under an emulator.
 """
+import ctypes
 import shutil
 import subprocess
+import types
 import warnings
 
 import numpy as np
@@ -73,6 +75,63 @@ def test_capturable_names_what_prevents_a_graph(monkeypatch):
     p = net.params()["fc1.W"]
     p.share(np.array([-0.1, 0.1], np.float32), (p.data > 0).astype(np.int64))
     assert "shared" in cuda.capturable(net, SGD(net.params()))
+
+
+class _FakeCuBLAS:
+    """``cublasSgemm_v2`` in Python on host memory, with cuBLAS's column-major reading of pointers and
+    leading dimensions and its argument checks (status 7, invalid value)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def cublasSetStream_v2(self, handle, stream):
+        return 0
+
+    def cublasSetPointerMode_v2(self, handle, mode):
+        assert mode == 0
+        return 0
+
+    def cublasSgemm_v2(self, handle, op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+        self.calls.append((op_a, op_b, m, n, k, lda, ldb, ldc))
+        rows_a, rows_b = (m if op_a == 0 else k), (k if op_b == 0 else n)
+        if min(m, n, k) < 0 or lda < max(1, rows_a) or ldb < max(1, rows_b) or ldc < max(1, m):
+            return 7
+
+        def column_major(ptr, rows, cols, ld):
+            n_floats = ld * (cols - 1) + rows
+            buf = np.frombuffer((ctypes.c_float * n_floats).from_address(ptr.value), np.float32)
+            return np.lib.stride_tricks.as_strided(buf, (rows, cols), (4, 4 * ld))
+
+        a = column_major(A, rows_a, m + k - rows_a, lda)
+        b = column_major(B, rows_b, k + n - rows_b, ldb)
+        c = column_major(C, m, n, ldc)
+        c[...] = (a if op_a == 0 else a.T).astype(np.float64) @ (b if op_b == 0 else b.T)  # alpha 1, beta 0
+        return 0
+
+
+@pytest.mark.parametrize("a_order, b_order", [("C", "C"), ("F", "C"), ("C", "F"), ("F", "F"), ("S", "S")])
+@pytest.mark.parametrize("M, K, N", [(64, 784, 300), (1, 5, 7), (300, 1, 2), (7, 3, 1), (2, 0, 3)])
+def test_matmul_passes_cublas_the_right_operands(monkeypatch, a_order, b_order, M, K, N):
+    """:func:`sparsenet.cuda.matmul`'s translation of row- and column-major operands into cuBLAS's
+    column-major (op, leading dimension) terms, run against a cuBLAS stand-in on host memory."""
+    fake = _FakeCuBLAS()
+    shim = types.SimpleNamespace(empty=np.empty, zeros=np.zeros, ascontiguousarray=np.ascontiguousarray,
+                                 matmul=None, cuda=types.SimpleNamespace(
+                                     get_current_stream=lambda: types.SimpleNamespace(ptr=0)))
+    monkeypatch.setattr(cuda, "_cupy", lambda: shim)
+    monkeypatch.setattr(cuda, "_cublas", (fake, None, None, None))
+    monkeypatch.setattr(cuda, "_ptr", lambda x: ctypes.c_void_p(x.ctypes.data))
+    rng = np.random.default_rng(M * K + N)
+
+    def operand(rows, cols, order):
+        x = rng.standard_normal((rows, 2 * cols)).astype(np.float32)
+        return x[:, ::2] if order == "S" else np.asarray(x[:, :cols], order=order)
+
+    a, b = operand(M, K, a_order), operand(K, N, b_order)
+    got = cuda.matmul(a, b)
+    assert got.shape == (M, N) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+    assert len(fake.calls) == (K > 0)
 
 
 def test_stage_apply_advance_is_step():
