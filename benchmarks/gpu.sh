@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run (under 8 minutes on an H100), numbers written as JSON to $OUT (default runs/gpu):
 #   1. the CuPy test cases (pytest -m gpu),
-#   2. one epoch of LeNet-300-100 and LeNet-5, sparsenet vs PyTorch CUDA, side by side,
+#   2. one epoch of LeNet-300-100 and LeNet-5, sparsenet (CUDA graphs, then eager) vs PyTorch CUDA,
 #   3. one training iteration of AlexNet (batch 128) and VGG-16 (batch 32) vs PyTorch CUDA,
 #   4. sparse vs dense inference on the GPU (bench_sparse.py),
 #   5. `sparsenet reproduce lenet-300-100 --device gpu`, wall time and result.
@@ -33,6 +33,7 @@ step "4. sparse inference"
 timeout 90 python3 benchmarks/bench_sparse.py --device "$DEV" --seconds "$SECS" --json "$OUT/bench_sparse.json"
 
 step "5. reproduce $EXP"
+rm -rf "$OUT/reproduce"  # a fresh run, never a resumed one
 start=$(date +%s.%N)
 timeout 240 python3 -m sparsenet reproduce "$EXP" --device "$DEV" --out "$OUT/reproduce" --no-progress \
   > "$OUT/reproduce.txt" 2>&1

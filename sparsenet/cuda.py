@@ -4,14 +4,15 @@ At batch 64 the LeNets are bound by kernel launches and Python per step, not ari
 path does the same work in fewer launches:
 
 * :func:`sgd_update`: the optimiser's momentum/decay/L1/mask update of one parameter in one kernel
-  (NumPy: seven array passes), op for op the arithmetic of :meth:`sparsenet.optim.SGD.step`, compiled
-  without fused multiply-adds, so it gives the NumPy path's float32 values bit for bit.
+  (NumPy: seven array passes), op for op the arithmetic of :meth:`sparsenet.optim.SGD.step` with neither
+  fused multiply-adds nor CuPy's flush-to-zero, so it gives the NumPy path's float32 values bit for bit.
 * :func:`softmax_cross_entropy`: loss rows and the logits' gradient in one kernel (NumPy: about twelve).
 * :func:`relu_backward`: ``gy · [y > 0]`` in one elementwise kernel (NumPy: two).
 * :class:`CapturedStep`: a whole training step (forward, backward, update, running sums) recorded
   once per batch shape as a CUDA graph and replayed, so a step costs a handful of launches.
 * :class:`CSRMatrix`: CSR products ``X Wᵀ`` for few rows (one warp per row of W, the rows of X in
   registers), the sparse-inference kernel; :func:`time_ms` measures it against the dense product.
+* :func:`matmul`: the layers' GEMMs as direct ``cublasSgemm`` calls, which a graph can record.
 
 Nothing here runs on the CPU: CuPy is imported by the functions, never by the module, and only
 :mod:`sparsenet.backend` and this module know CuPy exists. The kernel source is plain CUDA C
@@ -27,9 +28,31 @@ import numpy
 from .util import SparsenetError
 
 SOURCE = r"""
-// sgd_update: one parameter's step (sparsenet.optim.SGD), each float op rounded as NumPy rounds it
-// (compiled with --fmad=false). scale[slot] = lr_t * lr_mult, staged on the device before the launch so a
-// captured graph reads the current learning rate. keep: the mask's bits (all ones kept, 0 pruned), or unused.
+// IEEE float32 multiply, add and subtract, each rounded to nearest: CuPy compiles every kernel with
+// -ftz=true, which would flush subnormal operands and results to zero, so on the GPU they are written as
+// PTX without .ftz (nvcc and NVRTC leave inline PTX as written). Elsewhere (a CPU emulator) plain C.
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ float fmul_(float a, float b) { float r; asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float fadd_(float a, float b) { float r; asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float fsub_(float a, float b) { float r; asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+#else
+__device__ __forceinline__ float fmul_(float a, float b) { return a * b; }
+__device__ __forceinline__ float fadd_(float a, float b) { return a + b; }
+__device__ __forceinline__ float fsub_(float a, float b) { return a - b; }
+#endif
+
+// numpy.sign of a float32 from its bits (float compares would flush subnormals): NaN stays NaN, ±0 gives +0.
+__device__ __forceinline__ float sign_(float w) {
+    const unsigned int b = __float_as_uint(w), m = b & 0x7fffffffu;
+    if (m > 0x7f800000u) return w;
+    if (m == 0u) return 0.f;
+    return (b >> 31) ? -1.f : 1.f;
+}
+
+// sgd_update: one parameter's step (sparsenet.optim.SGD), each float op rounded as NumPy rounds it (no
+// fused multiply-add, no flush to zero: bit for bit the CPU's update). scale[slot] = lr_t * lr_mult, staged
+// on the device before the launch so a recorded graph reads the current learning rate. keep: the mask's
+// bits (all ones kept, 0 pruned), or unused.
 extern "C" __global__ void sgd_update(float* __restrict__ W, const float* __restrict__ G, float* __restrict__ V,
                                       const unsigned int* __restrict__ keep, long long n, int has_keep,
                                       int has_wd, float wd, int has_l1, float l1, float mu,
@@ -38,12 +61,12 @@ extern "C" __global__ void sgd_update(float* __restrict__ W, const float* __rest
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
         float w = W[i], g = G[i];
-        if (has_wd) g = g + w * wd;
-        if (has_l1) g = g + (w > 0.f ? 1.f : (w < 0.f ? -1.f : (w == 0.f ? 0.f : w))) * l1;  // numpy.sign(w)
-        float v = V[i] * mu;
-        g = g * s;
-        v = v + g;
-        w = w - v;
+        if (has_wd) g = fadd_(g, fmul_(w, wd));
+        if (has_l1) g = fadd_(g, fmul_(sign_(w), l1));
+        float v = fmul_(V[i], mu);
+        g = fmul_(g, s);
+        v = fadd_(v, g);
+        w = fsub_(w, v);
         if (has_keep) {
             const unsigned int k = keep[i];
             w = __uint_as_float(__float_as_uint(w) & k);
@@ -147,22 +170,31 @@ _cublas = None
 
 
 def _find_cublas():
-    """cuBLAS as CuPy loaded it: ``(library, CuPy's handle, &1.0f, &0.0f)``, or a string saying why it is out of
-    reach. The library is found among the files mapped into this process (the one CuPy uses), else by name."""
+    """cuBLAS as CuPy loaded it: ``(library, &1.0f, &0.0f)``, or a string saying why it is out of reach. The
+    library is the one CuPy's loader (cuda-pathfinder) returns, else the mapped ``libcublas.so.<major>`` of
+    the version CuPy reports, else one found by name."""
     import ctypes
     import ctypes.util
 
     try:
-        handle = _cupy().cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS
+        cupy = _cupy()
+        major = cupy.cuda.cublas.getVersion(cupy.cuda.device.get_cublas_handle()) // 10000  # loads cuBLAS
     except Exception as e:  # noqa: BLE001 - no CuPy, no device: say so
         return f"no cuBLAS handle ({type(e).__name__}: {e})"
     path = None
     try:
-        with open("/proc/self/maps") as f:
-            path = next((l.split(None, 5)[5].strip() for l in f if "libcublas.so" in l and len(l.split(None, 5)) == 6),
-                        None)
-    except OSError:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        path = load_nvidia_dynamic_lib("cublas").abs_path
+    except Exception:  # noqa: BLE001 - not installed, or another layout: look in this process
         pass
+    if not path:
+        try:
+            with open("/proc/self/maps") as f:
+                mapped = {l.split(None, 5)[5].strip() for l in f if "/libcublas.so" in l and len(l.split(None, 5)) == 6}
+            path = next((m for m in sorted(mapped) if f"libcublas.so.{major}" in m), None)
+        except OSError:
+            pass
     path = path or ctypes.util.find_library("cublas")
     if not path:
         return "cuBLAS library not found in this process"
@@ -175,11 +207,11 @@ def _find_cublas():
                                        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     except (OSError, AttributeError) as e:
         return f"cuBLAS at {path} unusable ({e})"
-    return lib, ctypes.c_void_p(handle), ctypes.byref(ctypes.c_float(1.0)), ctypes.byref(ctypes.c_float(0.0))
+    return lib, ctypes.byref(ctypes.c_float(1.0)), ctypes.byref(ctypes.c_float(0.0))
 
 
 def cublas():
-    """``(library, handle, &1, &0)`` for :func:`matmul`, or a string saying why cuBLAS cannot be called."""
+    """``(library, &1, &0)`` for :func:`matmul`, or a string saying why cuBLAS cannot be called."""
     global _cublas
     if _cublas is None:
         _cublas = _find_cublas()
@@ -208,7 +240,8 @@ def matmul(a, b):
     lib = cublas()
     if isinstance(lib, str) or a.dtype != numpy.float32 or b.dtype != numpy.float32 or a.ndim != 2 or b.ndim != 2:
         return cupy.matmul(a, b)
-    lib, handle, one, zero = lib
+    lib, one, zero = lib
+    handle = ctypes.c_void_p(cupy.cuda.device.get_cublas_handle())  # CuPy's, for this device and thread
     (M, K), (K2, N) = a.shape, b.shape
     if K != K2:
         raise SparsenetError(f"matmul: shapes {a.shape} and {b.shape} do not chain")
@@ -370,6 +403,13 @@ _stream = None
 _failed = None
 
 
+def _end_quietly(stream):
+    try:
+        stream.end_capture()
+    except Exception:  # noqa: BLE001 - an invalidated capture raises here; it is over either way
+        pass
+
+
 class CapturedStep:
     """Training steps replayed from CUDA graphs, one per batch shape.
 
@@ -381,8 +421,9 @@ class CapturedStep:
     ones, so results are bit-identical to eager steps. If recording fails (an operation that waits for
     the device, say), a warning names the cause and every later step of the process runs eagerly.
 
-    Use as a context manager around the epoch: entering waits for the default stream's work, leaving
-    waits for the private stream's, so code before and after sees ordered results.
+    Use as a context manager around the epoch: entering waits for the current stream's work, leaving
+    waits for the private stream's, so code before and after sees ordered results. Each graph's
+    temporaries live in a memory pool of its own, freed with the graph when the epoch ends.
     """
 
     def __init__(self, body):
@@ -392,12 +433,13 @@ class CapturedStep:
         self.body, self.graphs, self.seen, self.failed, self.stream = body, {}, set(), None, _stream
 
     def __enter__(self):
-        cupy = _cupy()
-        cupy.cuda.Stream.null.synchronize()
+        _cupy().cuda.get_current_stream().synchronize()  # the default stream's (or per-thread stream's) work
         self.stream.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.stream.is_capturing():  # never left so by _record; a last guard
+            _end_quietly(self.stream)
         self.stream.__exit__(*exc)
         self.stream.synchronize()
         self.graphs.clear()
@@ -413,33 +455,37 @@ class CapturedStep:
             entry = self._record(key, x, t)
             if entry is None:
                 return self.body(x, t)
-        graph, bx, bt = entry
+        graph, bx, bt, _ = entry
         bx[...] = x
         bt[...] = t
         graph.launch(self.stream)
         return None
 
     def _record(self, key, x, t):
+        """Record ``body`` on the private stream, its temporaries in a memory pool of the graph's own (kept
+        with it: CuPy's default pool may free its cached blocks to the device, e.g. when an allocation fails,
+        and a replay must never write into memory that was handed back)."""
         cupy = _cupy()
-        bx, bt = cupy.empty_like(x), cupy.empty_like(t)
-        s = self.stream
-        try:
-            s.begin_capture()
-        except Exception as e:  # noqa: BLE001 - any driver refusal means: run eagerly
-            return self._give_up(e)
-        try:
-            self.body(bx, bt)
-        except Exception as e:  # noqa: BLE001
-            try:
-                s.end_capture()
-            except Exception:  # noqa: BLE001 - the capture is already invalid
-                pass
-            return self._give_up(e)
-        try:
-            graph = s.end_capture()
-        except Exception as e:  # noqa: BLE001
-            return self._give_up(e)
-        self.graphs[key] = (graph, bx, bt)
+        s, pool = self.stream, cupy.cuda.MemoryPool()
+        with s:
+            bx, bt = cupy.empty_like(x), cupy.empty_like(t)
+            with cupy.cuda.using_allocator(pool.malloc):
+                try:
+                    s.begin_capture()
+                except Exception as e:  # noqa: BLE001 - any driver refusal means: run eagerly
+                    return self._give_up(e)
+                try:
+                    self.body(bx, bt)
+                except BaseException as e:  # an interrupt, too, must not leave the stream recording
+                    _end_quietly(s)
+                    if not isinstance(e, Exception):
+                        raise
+                    return self._give_up(e)
+                try:
+                    graph = s.end_capture()
+                except Exception as e:  # noqa: BLE001
+                    return self._give_up(e)
+        self.graphs[key] = (graph, bx, bt, pool)
         return self.graphs[key]
 
     def _give_up(self, e):

@@ -301,7 +301,7 @@ def relu_backward(gy, cache):
 def softmax_cross_entropy(z, t):
     """``(loss, gz)``: :func:`sparsenet.layers.softmax_cross_entropy_forward` and its backward for dL/dloss = 1;
     on the GPU one kernel and one mean (:func:`sparsenet.cuda.softmax_cross_entropy`)."""
-    if get_array_module(z) is not numpy:
+    if get_array_module(z) is not numpy and z.dtype == numpy.float32:
         return cuda.softmax_cross_entropy(z, t)
     loss, cache = softmax_cross_entropy_forward(z, t)
     return loss, softmax_cross_entropy_backward(1.0, cache)

@@ -7,6 +7,7 @@ rounding, and training with CUDA graphs bit for bit against eager training. ``te
 runs the same kernels on the CPU under an emulator.
 """
 import ctypes
+import re
 import shutil
 import subprocess
 import types
@@ -36,19 +37,22 @@ gpu = pytest.mark.gpu
 # ----------------------------------------------------------------------------- without a GPU
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernel_source_compiles_with_nvcc(tmp_path):
-    """The source NVRTC compiles at run time, with its options, through nvcc; every kernel is exported
-    under its C name and the update has no fused multiply-add (it must round as NumPy does)."""
+    """The source NVRTC compiles at run time, with its options and the -ftz=true CuPy adds, through nvcc;
+    every kernel is exported under its C name, and the update's float arithmetic is plain IEEE rounding:
+    no fused multiply-add, no flush to zero, no float compare (it must round as NumPy does)."""
     src = tmp_path / "kernels.cu"
     src.write_text(cuda.SOURCE)
     out = tmp_path / "kernels.ptx"
-    r = subprocess.run(["nvcc", "--ptx", "-arch=compute_80", *cuda.OPTIONS, "-o", str(out), str(src)],
+    r = subprocess.run(["nvcc", "--ptx", "-arch=compute_80", *cuda.OPTIONS, "-ftz=true", "-o", str(out), str(src)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ptx = out.read_text()
     for name in cuda.KERNELS:
         assert f".entry {name}(" in ptx
     update = ptx[ptx.index(".entry sgd_update("):ptx.index(".entry", ptx.index(".entry sgd_update(") + 1)]
-    assert "fma." not in update and "mul.rn.f32" in update and "add.rn.f32" in update
+    ops = set(re.findall(r"\b(?:mul|add|sub|fma|setp)\.[a-z0-9.]*f32\b", update))
+    assert ops == {"mul.rn.f32", "add.rn.f32", "sub.rn.f32"}, ops
+    assert ".ftz" in ptx[ptx.index(".entry softmax_xent("):]  # the flag is on: the PTX above resisted it
 
 
 def test_graphs_switch(monkeypatch):
@@ -117,9 +121,10 @@ def test_matmul_passes_cublas_the_right_operands(monkeypatch, a_order, b_order, 
     fake = _FakeCuBLAS()
     shim = types.SimpleNamespace(empty=np.empty, zeros=np.zeros, ascontiguousarray=np.ascontiguousarray,
                                  matmul=None, cuda=types.SimpleNamespace(
-                                     get_current_stream=lambda: types.SimpleNamespace(ptr=0)))
+                                     get_current_stream=lambda: types.SimpleNamespace(ptr=0),
+                                     device=types.SimpleNamespace(get_cublas_handle=lambda: 0)))
     monkeypatch.setattr(cuda, "_cupy", lambda: shim)
-    monkeypatch.setattr(cuda, "_cublas", (fake, None, None, None))
+    monkeypatch.setattr(cuda, "_cublas", (fake, None, None))
     monkeypatch.setattr(cuda, "_ptr", lambda x: ctypes.c_void_p(x.ctypes.data))
     rng = np.random.default_rng(M * K + N)
 
@@ -154,9 +159,9 @@ def test_stage_apply_advance_is_step():
 
 
 # ----------------------------------------------------------------------------- on a GPU
-def _param_pair(cupy, shape, pruned, seed, **kw):
+def _param_pair(cupy, shape, pruned, seed, scale=1.0, **kw):
     rng = np.random.default_rng(seed)
-    W = rng.standard_normal(shape).astype(np.float32)
+    W = (rng.standard_normal(shape) * scale).astype(np.float32)
     host, dev = Param(W.copy(), **kw), Param(cupy.asarray(W), **kw)
     if pruned:
         keep = rng.random(shape) >= pruned
@@ -167,14 +172,15 @@ def _param_pair(cupy, shape, pruned, seed, **kw):
 
 @gpu
 @pytest.mark.parametrize("pruned", [0.0, 0.6])
+@pytest.mark.parametrize("scale", [1.0, 1e-36])  # 1e-36: subnormal products, which CuPy's -ftz=true would flush
 @pytest.mark.parametrize("wd, l1, lr_mult, decay_mult", [(5e-4, 0.0, 1.0, 1.0), (5e-4, 1e-4, 2.0, 0.0),
                                                          (0.0, 1e-3, 1.0, 1.0)])
-def test_fused_update_equals_numpy_bit_for_bit(cupy, pruned, wd, l1, lr_mult, decay_mult):
-    host, dev, rng = _param_pair(cupy, (300, 257), pruned, 1, lr_mult=lr_mult, decay_mult=decay_mult)
+def test_fused_update_equals_numpy_bit_for_bit(cupy, pruned, scale, wd, l1, lr_mult, decay_mult):
+    host, dev, rng = _param_pair(cupy, (300, 257), pruned, 1, scale, lr_mult=lr_mult, decay_mult=decay_mult)
     kw = dict(lr=0.01, momentum=0.9, weight_decay=wd, l1=l1, lr_policy="inv", gamma=1e-4, power=0.75)
     oh, od = SGD({"w": host}, **kw), SGD({"w": dev}, **kw)
     for _ in range(4):
-        g = rng.standard_normal(host.data.shape).astype(np.float32)
+        g = (rng.standard_normal(host.data.shape) * scale).astype(np.float32)
         if pruned:
             g[host.mask == 0] = np.nan  # pruned positions never take a value, whatever the gradient
         host.grad, dev.grad = g.copy(), cupy.asarray(g)
