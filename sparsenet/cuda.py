@@ -275,7 +275,8 @@ def fusable(p):
 def sgd_update(p, settings, scales, slot):
     """One :meth:`sparsenet.optim.SGD.step` of Param ``p`` (its grad set, :func:`fusable`) in one kernel.
 
-    ``scales``: a device float32 array holding lr_t · lr_mult for this parameter at ``scales[slot]``.
+    ``scales``: a device float32 array holding lr_t · lr_mult for this parameter at ``scales[slot]``
+    (:class:`Upload`'s ``device``).
     The momentum buffer V is created (zeros) at the first step; ``p.grad`` is left as it was.
     """
     cupy = _cupy()
@@ -292,6 +293,34 @@ def sgd_update(p, settings, scales, slot):
         numpy.int32(bool(settings["weight_decay"] and p.decay_mult)), numpy.float32(wd),
         numpy.int32(bool(settings["l1"] and p.decay_mult)), numpy.float32(l1),
         numpy.float32(settings["momentum"]), scales, numpy.int32(slot)))
+
+
+class Upload:
+    """A small device float32 buffer (``device``) refreshed from the host every step without stalling:
+    :meth:`send` writes the values into one of ``RING`` pinned host slots and copies it asynchronously on
+    the current stream, so the copy is ordered after the work already queued there (a replayed graph that
+    still reads the previous values) and the host runs ahead. A slot is reused only after its copy is done
+    (an event per slot). A copy from pageable memory, NumPy's, may make the host wait for the stream."""
+
+    RING = 64
+
+    def __init__(self, n):
+        import cupyx
+
+        cupy = _cupy()
+        self.device = cupy.zeros(n, numpy.float32)
+        self.host = cupyx.empty_pinned((self.RING, n), numpy.float32)
+        self.events, self.next = [None] * self.RING, 0
+
+    def send(self, values):
+        cupy = _cupy()
+        k, self.next = self.next, (self.next + 1) % self.RING
+        if self.events[k] is not None:
+            self.events[k].synchronize()
+        self.host[k] = values
+        self.device.set(self.host[k])
+        self.events[k] = cupy.cuda.Event(block=False, disable_timing=True)
+        self.events[k].record()
 
 
 # ----------------------------------------------------------------------------- layers

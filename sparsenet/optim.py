@@ -108,9 +108,8 @@ class SGD:
         self._fused = [get_array_module(p.data) is not numpy and cuda.fusable(p) for p in self.params.values()]
         if any(self._fused):
             if self._scales is None:
-                self._scales = get_array_module(next(iter(self.params.values())).data).zeros(len(self.params),
-                                                                                         numpy.float32)
-            self._scales.set(numpy.array([lr * p.lr_mult for p in self.params.values()], numpy.float32))
+                self._scales = cuda.Upload(len(self.params))
+            self._scales.send([lr * p.lr_mult for p in self.params.values()])
 
     def advance(self):
         """t ← t + 1 (after the step's :meth:`apply`)."""
@@ -126,7 +125,7 @@ class SGD:
             if g is None:
                 continue
             if self._fused[slot]:
-                cuda.sgd_update(p, s, self._scales, slot)
+                cuda.sgd_update(p, s, self._scales.device, slot)
                 p.grad = None
                 continue
             xp = get_array_module(p.data)
