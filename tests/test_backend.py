@@ -45,3 +45,22 @@ def test_get_array_module_and_transfers(xp):
     h = backend.asnumpy(a)
     assert isinstance(h, np.ndarray) and h.tolist() == [0.0, 1.0, 2.0]
     assert backend.get_array_module(backend.to_device(h, xp)) is xp
+
+
+def test_runs_choose_blas_threads_like_the_command_line(monkeypatch):
+    """A run started from Python computes with the thread count the CLI would use ($SPARSENET_THREADS, else 1),
+    unless this process already chose one: the same config gives the same low bits either way."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"}
+
+    monkeypatch.setattr(backend, "_threads", None)
+    monkeypatch.setenv("SPARSENET_THREADS", "2")
+    assert backend.ensure_threads() == 2 and blas_threads() <= {2}
+    monkeypatch.setenv("SPARSENET_THREADS", "1")
+    assert backend.ensure_threads() == 2  # chosen once per process, as `--threads` does
+    assert backend.set_threads(1) == 1 and backend.ensure_threads() == 1 and blas_threads() <= {1}
+    monkeypatch.setattr(backend, "_threads", None)
+    monkeypatch.delenv("SPARSENET_THREADS")
+    assert backend.ensure_threads() == 1
