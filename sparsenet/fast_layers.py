@@ -71,18 +71,18 @@ def im2col(x, kh, kw, stride, pad):
     ``cols.reshape(N·Ho·Wo, kh·kw·C)`` is the GEMM operand X and a view (no copy) for
     either layout:
 
-    * C > 1: row-major (N, Ho, Wo, kh, kw, C), one copy of a strided
+    * C > 1 (on the GPU, any C): row-major (N, Ho, Wo, kh, kw, C), one copy of a strided
       ``sliding_window_view`` (runs of C contiguous values);
-    * C = 1: offset-major, a (kh, kw, N, Ho, Wo) buffer returned transposed, i.e. X is
-      stored as Xᵀ (K, M): each of the k² kernel offsets is one copy of a shifted window
+    * C = 1 on the CPU: offset-major, a (kh, kw, N, Ho, Wo) buffer returned transposed, i.e.
+      X is stored as Xᵀ (K, M): each of the k² kernel offsets is one copy of a shifted window
       of whole image rows (a row-major copy would move runs of one value). BLAS takes
-      the transposed X at no cost.
+      the transposed X at no cost. (On the GPU the row-major copy is one launch, not k².)
     """
     xp = get_array_module(x)
     if pad:
         x = xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     N, H, W, C = x.shape
-    if C == 1:
+    if C == 1 and xp is numpy:  # the GPU copies the row-major layout in one launch rather than k²
         Ho, Wo = conv_output_size(H, kh, stride, 0), conv_output_size(W, kw, stride, 0)
         cols = xp.empty((kh, kw, N, Ho, Wo, C), dtype=x.dtype)
         for i in range(kh):
