@@ -7,7 +7,8 @@ path does the same work in fewer launches:
   (NumPy: seven array passes), op for op the arithmetic of :meth:`sparsenet.optim.SGD.step` with neither
   fused multiply-adds nor CuPy's flush-to-zero, so it gives the NumPy path's float32 values bit for bit.
 * :func:`softmax_cross_entropy`: loss rows and the logits' gradient in one kernel (NumPy: about twelve).
-* :func:`relu_backward`: ``gy · [y > 0]`` in one elementwise kernel (NumPy: two).
+* :func:`relu_backward`: ``gy · [y > 0]`` in one elementwise kernel (NumPy: two); :func:`maxpool_backward`:
+  the pool's gradient routing in one kernel (NumPy: about fifteen operations).
 * :class:`CapturedStep`: a whole training step (forward, backward, update, running sums) recorded
   once per batch shape as a CUDA graph and replayed, so a step costs a handful of launches.
 * :class:`CSRMatrix`: CSR products ``X Wᵀ`` for few rows (one warp per row of W, the rows of X in
@@ -98,6 +99,45 @@ extern "C" __global__ void softmax_xent(const float* __restrict__ z, long long s
     }
 }
 
+// Max-pool backward (sparsenet.fast_layers.maxpool2d_backward), one thread per element (n, h, w, c) of the pooled
+// (padded) input x (N, H, W, C): gx = the sum of gy (N, Ho, Wo, C) over the k×k windows, stride s, that contain
+// (h, w) and whose first position in row-major order holding the window's maximum y is (h, w). The windows are
+// visited as the CPU's offsets are (its sums run in that order): later windows first.
+extern "C" __global__ void maxpool_backward(const float* __restrict__ x, const float* __restrict__ y,
+                                            const float* __restrict__ gy, float* __restrict__ gx, int N, int H,
+                                            int W, int C, int Ho, int Wo, int k, int s) {
+    const long long total = (long long)N * H * W * C;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        const int c = (int)(i % C);
+        const long long p = i / C;
+        const int w = (int)(p % W), h = (int)((p / W) % H);
+        const long long n = p / ((long long)W * H);
+        const float xv = x[i];
+        const int ho0 = h < k ? 0 : (h - k + s) / s, ho1 = min(h / s, Ho - 1);
+        const int wo0 = w < k ? 0 : (w - k + s) / s, wo1 = min(w / s, Wo - 1);
+        float acc = 0.f;
+        for (int ho = ho1; ho >= ho0; --ho) {
+            for (int wo = wo1; wo >= wo0; --wo) {
+                const long long o = ((n * Ho + ho) * Wo + wo) * C + c;
+                const float m = y[o];
+                if (!(xv == m)) continue;
+                int first = -1;  // the window's first position holding m, as a * k + b
+                for (int a = 0; a < k && first < 0; ++a)
+                    for (int b = 0; b < k; ++b) {
+                        const int hh = ho * s + a, ww = wo * s + b;
+                        if (hh < H && ww < W && x[((n * H + hh) * W + ww) * C + c] == m) {
+                            first = a * k + b;
+                            break;
+                        }
+                    }
+                if (first == (h - ho * s) * k + (w - wo * s)) acc += gy[o];
+            }
+        }
+        gx[i] = acc;
+    }
+}
+
 // Y (M, F) = X (M, K) Wᵀ with W (F, K) in CSR (data, indices, indptr; int32). One warp per row r of W and
 // up to B rows of X (blockIdx.y picks which): the lanes stride through the row's non-zeros (coalesced
 // reads of data and indices), each keeping B partial sums, reduced across the warp by shuffles.
@@ -139,7 +179,7 @@ extern "C" __global__ void csr_matmul_t_8(const float* data, const int* indices,
     csr_rows<8>(data, indices, indptr, F, X, M, K, Y);
 }
 """
-KERNELS = ("sgd_update", "softmax_xent", "csr_matmul_t_1", "csr_matmul_t_8")
+KERNELS = ("sgd_update", "softmax_xent", "maxpool_backward", "csr_matmul_t_1", "csr_matmul_t_8")
 OPTIONS = ("--std=c++14", "--fmad=false")
 THREADS = 256
 
@@ -339,6 +379,20 @@ def softmax_cross_entropy(z, t, gloss=1.0):
         z, numpy.int64(sn), numpy.int64(sk), cupy.ascontiguousarray(t), numpy.int32(N), numpy.int32(K),
         rows, gz, numpy.float32(gloss / N)))
     return rows.mean(), gz
+
+
+def maxpool_backward(x, y, gy, k, stride):
+    """``gx`` of a k×k, ``stride`` max-pool over the (padded) input ``x`` (N, H, W, C) with output ``y`` and its
+    gradient ``gy`` (N, Ho, Wo, C), in one kernel: :func:`sparsenet.fast_layers.maxpool2d_backward`'s
+    routing (ties to the first position in row-major order), float32."""
+    cupy = _cupy()
+    x, y, gy = (cupy.ascontiguousarray(a, dtype=numpy.float32) for a in (x, y, gy))
+    N, H, W, C = x.shape
+    Ho, Wo = y.shape[1:3]
+    gx = cupy.empty(x.shape, numpy.float32)
+    kernel("maxpool_backward")((_blocks(x.size),), (THREADS,), (
+        x, y, gy, gx, *(numpy.int32(v) for v in (N, H, W, C, Ho, Wo, k, stride))))
+    return gx
 
 
 def relu_backward(gy, y):

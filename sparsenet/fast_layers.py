@@ -258,14 +258,16 @@ def maxpool2d_backward(gy, cache):
     When the windows tile the input (k = stride), ``x`` viewed as (N, Ho, k, Wo·k·C) is
     compared with ``y`` repeated along each image row in one broadcast, and ``gx`` is one
     broadcast product; the offset-by-offset tie resolution (first offset in row-major order
-    wins) runs only if some window has two maxima (more winners than windows; on the GPU
-    always, since counting them would wait for the device). Otherwise the k² offsets are
+    wins) runs only if some window has two maxima (more winners than windows whose maximum
+    is a number: a NaN window has no winner). Otherwise the k² offsets are
     handled one slab at a time. A ceil-padded x's gradient is cropped back to the input.
     """
     x, y, k, stride, shape = cache
     xp = get_array_module(gy)
     N, Ho, Wo, C = gy.shape
-    if k == stride:
+    if xp is not numpy and x.dtype == numpy.float32:  # the GPU: one kernel (sparsenet.cuda.maxpool_backward)
+        gx = cuda.maxpool_backward(x, y, gy, k, stride)
+    elif k == stride:
         # (N, Ho, k, Wo·k·C): a window row per middle index, y and gy repeated k times along each row,
         # so every op runs over whole image rows (W·C values) rather than runs of C
         xt = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo * k * C)
@@ -274,7 +276,9 @@ def maxpool2d_backward(gy, cache):
                 return xp.repeat(a, k, axis=2).reshape(N, Ho, 1, Wo * k * C)
             return xp.broadcast_to(a[:, :, :, None, :], (N, Ho, Wo, k, C)).reshape(N, Ho, 1, Wo * k * C)
         w = xt == spread(y)
-        if xp is not numpy or int(xp.count_nonzero(w)) > y.size:  # some window has two maxima (GPU: no sync)
+        # some window has two maxima: more winners than windows with a maximum (a NaN window has none); the GPU
+        # resolves ties always rather than wait for the count
+        if xp is not numpy or int(xp.count_nonzero(w)) > y.size - int(xp.count_nonzero(xp.isnan(y))):
             w6 = w.reshape(N, Ho, k, Wo, k, C)
             _keep_first([w6[:, :, o // k, :, o % k] for o in range(k * k)])
         tiles = (w * spread(gy)).reshape(N, Ho * k, Wo * k, C)

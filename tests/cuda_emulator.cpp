@@ -57,6 +57,10 @@ dim3 gridDim;
 // fmaxf, expf, logf: <cmath> declares them in the global namespace (glibc's single-precision versions; libstdc++ 12
 // has no std::expf). They are within a few ulp of CUDA's, not bit-identical: compare softmax_xent with tolerances.
 
+// CUDA's integer min/max for device code.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
 inline unsigned int __float_as_uint(float f) {
     unsigned int u;
     std::memcpy(&u, &f, sizeof u);
@@ -350,6 +354,13 @@ int main(int argc, char** argv) {
         auto loss = ptr<float>(6), gz = ptr<float>(7);
         auto scale = val<float>(8);
         k = [=] { softmax_xent(z, sn, sk, t, N, K, loss, gz, scale); };
+    } else if (name == "maxpool_backward") {
+        expect(12);
+        auto x = ptr<const float>(0), y = ptr<const float>(1), gy = ptr<const float>(2);
+        auto gx = ptr<float>(3);
+        int d[8];
+        for (int i = 0; i < 8; ++i) d[i] = val<int>(4 + i);
+        k = [=] { maxpool_backward(x, y, gy, gx, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]); };
     } else if (name == "csr_matmul_t_1" || name == "csr_matmul_t_8") {
         expect(8);
         auto data = ptr<const float>(0);

@@ -229,6 +229,22 @@ def test_lenet_steps_can_be_recorded(cupy):
 
 
 @gpu
+@pytest.mark.parametrize("k, stride, ceil", [(2, 2, False), (3, 2, True), (3, 3, True), (2, 1, False)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_maxpool_kernel_routes_like_numpy(cupy, k, stride, ceil, ties):
+    from sparsenet import fast_layers as F
+
+    rng = np.random.default_rng(k * 10 + stride)
+    x = (rng.integers(0, 3, (4, 13, 11, 5)) if ties else rng.standard_normal((4, 13, 11, 5))).astype(np.float32)
+    y, cache = F.maxpool2d_forward(x, k, stride, ceil)
+    dy, dcache = F.maxpool2d_forward(cupy.asarray(x), k, stride, ceil)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    want, got = F.maxpool2d_backward(gy, cache), F.maxpool2d_backward(cupy.asarray(gy), dcache)
+    assert np.array_equal(cupy.asnumpy(dy), y)
+    assert np.array_equal(cupy.asnumpy(got) + np.float32(0), want + np.float32(0))
+
+
+@gpu
 def test_fused_relu_backward_equals_numpy(cupy):
     rng = np.random.default_rng(0)
     y = np.maximum(rng.standard_normal((64, 300)), 0).astype(np.float32)

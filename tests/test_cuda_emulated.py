@@ -37,7 +37,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from sparsenet import cuda
 from sparsenet.codecs import csr_from_dense
@@ -408,3 +408,32 @@ def test_emulator_catches_an_out_of_bounds_read(emulator):
             np.zeros((1, 2), np.float32))
     with pytest.raises(EmulatorError, match="heap-buffer-overflow"):
         emulator.launch("csr_matmul_t_1", (1, 1), (256,), args)
+
+
+# ----------------------------------------------------------------------------- maxpool_backward
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), pool=st.sampled_from([(2, 2, False), (3, 2, False), (3, 2, True), (2, 1, False),
+                                                          (3, 3, True)]),
+       N=st.integers(1, 2), H=st.integers(3, 9), W=st.integers(3, 9), C=st.integers(1, 3), levels=st.sampled_from([3, 0]))
+@example(seed=0, pool=(3, 2, True), N=1, H=7, W=6, C=2, levels=2)
+def test_maxpool_backward_routes_like_the_cpu(emulator, seed, pool, N, H, W, C, levels):
+    """The kernel's gradient equals fast_layers.maxpool2d_backward's on the CPU: tiling and overlapping windows,
+    ceil padding, ties (``levels``: inputs drawn from a few values, so windows hold several maxima; 0: distinct
+    values) and a NaN. Values agree exactly (up to the sign of zero: the CPU multiplies a losing gy by 0)."""
+    from sparsenet import fast_layers as F
+
+    k, s, ceil = pool
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(0, levels, (N, H, W, C)) if levels else rng.standard_normal((N, H, W, C))).astype(np.float32)
+    if x.size > 4:
+        x.flat[rng.integers(x.size)] = np.nan
+    y, cache = F.maxpool2d_forward(x, k, s, ceil)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    want = F.maxpool2d_backward(gy, cache)
+    xp_, y_ = cache[0], cache[1]  # the padded input the kernel sees
+    with emulated(emulator) as emu:
+        got = cuda.maxpool_backward(xp_, y_, gy, k, s)[:, :H, :W]
+    (call,) = emu.calls
+    assert call.name == "maxpool_backward" and call.block == (256,)
+    assert got.shape == want.shape
+    assert np.array_equal(got + np.float32(0), want + np.float32(0))

@@ -138,6 +138,17 @@ def test_maxpool_plain_equals_fast(xp, k, stride, n, h, w, c, ties, ceil, seed):
     np.testing.assert_array_equal(asnumpy(gx), asnumpy(gx_fast))
 
 
+def test_maxpool_ties_are_resolved_beside_a_nan_window(xp):
+    """A window whose maximum is NaN has no winner; a tied window beside it still sends its gradient to
+    its first maximum only (counting winners against all windows would miss the tie)."""
+    x = np.array([[1.0, 1.0, np.nan, 0.0],
+                  [0.0, 0.0, 0.0, 0.0]], np.float32).reshape(1, 2, 4, 1)
+    y, cache = F.maxpool2d_forward(xp.asarray(x), 2, 2)
+    gx = asnumpy(F.maxpool2d_backward(xp.asarray(np.array([[[[3.0], [5.0]]]], np.float32)), cache))
+    assert np.isnan(asnumpy(y)[0, 0, 1, 0])
+    np.testing.assert_array_equal(gx.reshape(2, 4), [[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+
+
 def test_both_reject_bad_shapes(xp):
     W, b = xp.zeros((2, 3, 3, 2)), xp.zeros(2)
     for module in (L, F):
