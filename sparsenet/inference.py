@@ -21,7 +21,7 @@ from .model import predict_batches
 from .util import SparsenetError
 
 
-def prefer_sparse(density, rows, n_weights):
+def prefer_sparse(density, rows, n_weights, xp=numpy):
     """Whether a product ``X W₂ᵀ`` runs faster on the CPU with W₂ as CSR (measured rule, README).
 
     ``density``: W₂'s non-zero fraction; ``rows``: rows of X (the batch size for a Linear, N·Ho·Wo for a
@@ -35,8 +35,12 @@ def prefer_sparse(density, rows, n_weights):
     loses at 5%), never for smaller layers (call overhead); 2–64 rows: ≤ 5% when rows × weights ≥ 1M
     (1.3–3.2× at 5%, about even at 10%); more rows (BLAS's GEMM at its best): ≤ 2% when rows × weights ≥ 1M.
 
-    The GPU has no such rule: :class:`SparseNetwork` times both products there.
+    The GPU has no such rule: :class:`SparseNetwork` times both products there (``xp`` other than NumPy is
+    refused with that advice).
     """
+    if xp is not numpy:
+        raise SparsenetError("on the GPU sparse vs dense is measured, not ruled: SparseNetwork(net).plan(batch) "
+                             "times both products")
     if rows == 1:
         return n_weights >= 100_000 and density <= (0.10 if n_weights >= 4_000_000 else 0.03)
     return density <= (0.05 if rows <= 64 else 0.02) and rows * n_weights >= 1_000_000
@@ -110,7 +114,7 @@ class SparseNetwork:
             return self.mode == "sparse"
         W2, csr, density, n_weights = self.mats[name]
         if self.xp is numpy:
-            return prefer_sparse(density, rows, n_weights)
+            return prefer_sparse(density, rows, n_weights, numpy)
         if W2 is None:  # a grouped conv: its own forward is the dense baseline
             return False
         key = (name, rows)

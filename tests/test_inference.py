@@ -61,6 +61,8 @@ def test_plan_follows_density_and_batch_size():
     assert prefer_sparse(0.02, 512, 235_200) and not prefer_sparse(0.05, 512, 235_200)
     assert prefer_sparse(0.09, 1, 4096 * 9216) and not prefer_sparse(0.05, 1, 1024 * 1024)
     assert prefer_sparse(0.04, 64, 400_000) and not prefer_sparse(0.04, 65, 400_000)
+    with pytest.raises(SparsenetError, match="measured"):  # the GPU's choice is timed by SparseNetwork
+        prefer_sparse(0.09, 1, 4096 * 9216, xp=object())
 
 
 @pytest.mark.mnist
