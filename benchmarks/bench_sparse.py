@@ -31,11 +31,9 @@ from functools import partial
 
 import numpy
 
-from sparsenet.backend import array_module, sparse_module
-from sparsenet.codecs import csr_from_dense
-from sparsenet.cuda import CSRMatrix
+from sparsenet.backend import array_module
 from sparsenet.model import build_model, build_network
-from sparsenet.inference import SparseNetwork, layer_operand, sparse_matmul_t
+from sparsenet.inference import SparseNetwork, csr_matrix, layer_operand, sparse_matmul_t
 from sparsenet.modelfile import load_model
 from sparsenet.paper import weights_left
 from sparsenet.pruning import prune_at_random
@@ -106,7 +104,6 @@ def fc6(density, xp, seed=0):
 
 def sweep(xp, seconds):
     """Dense/sparse time ratio for layer sizes × operand rows × densities (basis of prefer_sparse)."""
-    sp = sparse_module(xp)
     rng = numpy.random.default_rng(0)
     densities = (0.02, 0.05, 0.1, 0.2, 0.4)
     print("F x K, rows: dense/sparse time ratio at densities " + " ".join(f"{d:.0%}" for d in densities))
@@ -117,7 +114,7 @@ def sweep(xp, seconds):
             ratios = []
             for d in densities:
                 W = (rng.standard_normal((F, K)) * (rng.random((F, K)) < d)).astype(numpy.float32)
-                csr = sp.csr_matrix(W) if xp is numpy else CSRMatrix(*csr_from_dense(W), W.shape)
+                csr = csr_matrix(W, xp)
                 W2, X = xp.asarray(W), xp.asarray(rng.random((M, K), dtype=numpy.float32))
                 td, ts = race([partial(xp.matmul, X, W2.T), partial(sparse_matmul_t, csr, X)], xp, seconds)
                 ratios.append(td / ts)

@@ -64,12 +64,6 @@ def asnumpy(a):
     return a.get() if get_array_module(a) is not numpy else numpy.asarray(a)
 
 
-def sparse_module(xp):
-    """The sparse-matrix module matching an array module: ``scipy.sparse`` for NumPy, ``cupyx.scipy.sparse``
-    for CuPy (both offer ``csr_matrix((data, indices, indptr), shape)`` and ``A @ dense``)."""
-    return importlib.import_module("scipy.sparse" if xp is numpy else "cupyx.scipy.sparse")
-
-
 def to_device(a, xp):
     """Move a host or device array onto the module ``xp`` (no copy if already there)."""
     return asnumpy(a) if xp is numpy else xp.asarray(a)

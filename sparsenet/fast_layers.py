@@ -265,20 +265,17 @@ def maxpool2d_backward(gy, cache):
     x, y, k, stride, shape = cache
     xp = get_array_module(gy)
     N, Ho, Wo, C = gy.shape
-    if xp is not numpy and x.dtype == numpy.float32:  # the GPU: one kernel (sparsenet.cuda.maxpool_backward)
+    if xp is not numpy and x.dtype == numpy.float32:  # the GPU: one kernel, no wait for the device (a graph records it)
         gx = cuda.maxpool_backward(x, y, gy, k, stride)
     elif k == stride:
         # (N, Ho, k, Wo·k·C): a window row per middle index, y and gy repeated k times along each row,
         # so every op runs over whole image rows (W·C values) rather than runs of C
         xt = x[:, :Ho * k, :Wo * k].reshape(N, Ho, k, Wo * k * C)
         def spread(a):
-            if xp is numpy:
-                return xp.repeat(a, k, axis=2).reshape(N, Ho, 1, Wo * k * C)
-            return xp.broadcast_to(a[:, :, :, None, :], (N, Ho, Wo, k, C)).reshape(N, Ho, 1, Wo * k * C)
+            return xp.repeat(a, k, axis=2).reshape(N, Ho, 1, Wo * k * C)
         w = xt == spread(y)
-        # some window has two maxima: more winners than windows with a maximum (a NaN window has none); the GPU
-        # resolves ties always rather than wait for the count
-        if xp is not numpy or int(xp.count_nonzero(w)) > y.size - int(xp.count_nonzero(xp.isnan(y))):
+        # some window has two maxima: more winners than windows with a maximum (a NaN window has none)
+        if int(xp.count_nonzero(w)) > y.size - int(xp.count_nonzero(xp.isnan(y))):
             w6 = w.reshape(N, Ho, k, Wo, k, C)
             _keep_first([w6[:, :, o // k, :, o % k] for o in range(k * k)])
         tiles = (w * spread(gy)).reshape(N, Ho * k, Wo * k, C)

@@ -57,6 +57,15 @@ def layer_operand(layer, x):
     return cols.reshape(N * Ho * Wo, -1), (N, Ho, Wo, F)
 
 
+def csr_matrix(W2, xp=numpy):
+    """W₂ (F, K), a host array, as the CSR matrix the products below take on ``xp``'s device: ``scipy.sparse``
+    on the CPU, :class:`sparsenet.cuda.CSRMatrix` on the GPU (its stored entries: W₂'s non-zeros)."""
+    data, indices, indptr = csr_from_dense(W2)
+    if xp is numpy:
+        return scipy.sparse.csr_matrix((data, indices, indptr), shape=W2.shape)
+    return cuda.CSRMatrix(data, indices, indptr, W2.shape)
+
+
 def sparse_matmul_t(W_csr, X):
     """``Y = X Wᵀ`` for dense X (M, K), sparse W (F, K) → (M, F): one SpMV ``W x`` if M = 1, else ``(W Xᵀ)ᵀ``
     (scipy); :meth:`sparsenet.cuda.CSRMatrix.matmul_t` for a GPU matrix."""
@@ -90,14 +99,10 @@ class SparseNetwork:
                     for g in range(G):
                         full[g * F // G:(g + 1) * F // G, ..., g * Cg:(g + 1) * Cg] = W[g * F // G:(g + 1) * F // G]
                     W = full
-                data, indices, indptr = csr_from_dense(as_matrix(W))
-                if self.xp is numpy:
-                    csr = scipy.sparse.csr_matrix((data, indices, indptr), shape=as_matrix(W).shape)
-                else:
-                    csr = cuda.CSRMatrix(data, indices, indptr, as_matrix(W).shape)
+                csr = csr_matrix(as_matrix(W), self.xp)
                 W2 = as_matrix(l.params["W"].data) if getattr(l, "groups", 1) == 1 else None  # dense: the layer's own
                 n = l.params["W"].size
-                self.mats[l.name] = (W2, csr, len(data) / n if n else 1.0, n)
+                self.mats[l.name] = (W2, csr, csr.nnz / n if n else 1.0, n)
 
     def plan(self, batch_size):
         """``{layer: "sparse" | "dense"}`` for a batch of ``batch_size`` inputs."""

@@ -105,8 +105,10 @@ class SGD:
         """Fix η_t for the next :meth:`apply`. On the GPU also copy each parameter's η_t·lr_mult into the
         device buffer that the fused update kernel reads (a recorded CUDA graph reads it there too)."""
         self._lr = lr = self.current_lr()
-        self._fused = [get_array_module(p.data) is not numpy and cuda.fusable(p) for p in self.params.values()]
-        if any(self._fused):
+        params = list(self.params.values())
+        on_gpu = bool(params) and get_array_module(params[0].data) is not numpy  # a network lives on one device
+        self._fused = [cuda.fusable(p) for p in params] if on_gpu else None
+        if on_gpu and any(self._fused):
             if self._scales is None:
                 self._scales = cuda.Upload(len(self.params))
             self._scales.send([lr * p.lr_mult for p in self.params.values()])
@@ -124,7 +126,7 @@ class SGD:
             g = p.grad
             if g is None:
                 continue
-            if self._fused[slot]:
+            if self._fused and self._fused[slot]:
                 cuda.sgd_update(p, s, self._scales.device, slot)
                 p.grad = None
                 continue
