@@ -114,7 +114,7 @@ def breakdown(name, x, t, xp, blocks=8, steps=60):
     and backward passes alone (update skipped); blocks of the two alternate."""
     cfg = TrainConfig(model=name)
     net = build_model(name, 0, xp)
-    opt = SGD.from_settings(net.params(), dataclasses.asdict(cfg))
+    opt = SGD.from_settings(net.params(), dataclasses.asdict(cfg), batches_per_epoch=-(-len(x) // cfg.batch_size))
     xs = to_device(x.reshape((-1,) + net.input_shape), xp)
     ts = to_device(t, xp)
     per = {"step": [], "forward+backward": []}

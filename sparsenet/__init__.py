@@ -29,9 +29,11 @@ the paper's published numbers   :mod:`sparsenet.paper`
 AlexNet, VGG-16 (Tables 4-5)    :func:`sparsenet.model.alexnet`, :func:`sparsenet.model.vgg_16`
 LRN, grouped conv (AlexNet)     :func:`sparsenet.layers.lrn_forward`, :func:`sparsenet.layers.conv2d_forward`
 trained weights, ImageNet       :func:`sparsenet.pretrained.import_weights`, :class:`sparsenet.imagenet.ImageFolder`
+ONNX, PyTorch out and back      :func:`sparsenet.interop.export_onnx`, :func:`sparsenet.interop.import_torch`
 the ImageNet plans              :func:`sparsenet.reproduce.reproduce_pretrained`, :func:`sparsenet.reproduce.apply_plan`
 beyond: weight sharing          :func:`sparsenet.quantise.share_weights`, :meth:`sparsenet.param.Param.share`
 beyond: Huffman, compressed     :func:`sparsenet.huffman.encode`, :func:`sparsenet.compressed.write`
+beyond: studies over seeds      :func:`sparsenet.sweep` (:mod:`sparsenet.sweeps`, on Dask), :mod:`sparsenet.methods`, :mod:`sparsenet.stats`
 ==============================  ===========================================================
 
 Supporting modules: :mod:`sparsenet.backend` (NumPy/CuPy dispatch), :mod:`sparsenet.cuda` (the GPU's fused
@@ -44,18 +46,26 @@ The public API below is importable from ``sparsenet`` directly (``__all__``).
 """
 __version__ = "0.2.0"
 
+from . import backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import Schedule, TrainConfig, evaluate, load_schedule, prune_run, train, uniform_schedule
 from .inference import SparseNetwork
+from .interop import export_onnx, export_torch, import_torch
 from .model import Network, build_model, build_network
 from .modelfile import export_model, load_model, storage_report
 from .optim import SGD
 from .param import Param
 from .pruning import adjust_dropout, prune, remove_dead_neurons
 from .quantise import share_weights
+from .sweeps import sweep
 from .util import SparsenetError
 
+# BLAS threads: the package's default (1, or $SPARSENET_THREADS; BLAS's own when OPENBLAS_NUM_THREADS/OMP_NUM_THREADS
+# is set) from the first import on, after NumPy's and SciPy's BLAS are loaded (backend.set_threads: how to change it)
+backend.ensure_threads(strict=False)
+
 __all__ = ["SGD", "Network", "Param", "Schedule", "SparseNetwork", "SparsenetError", "TrainConfig", "adjust_dropout",
-           "build_model", "build_network", "evaluate", "export_model", "load_checkpoint", "load_model", "load_schedule",
-           "prune", "prune_run", "remove_dead_neurons", "save_checkpoint", "share_weights", "storage_report", "train",
-           "uniform_schedule"]
+           "build_model", "build_network", "evaluate", "export_model", "export_onnx", "export_torch", "import_torch",
+           "load_checkpoint", "load_model", "load_schedule",
+           "prune", "prune_run", "remove_dead_neurons", "save_checkpoint", "share_weights", "storage_report", "sweep",
+           "train", "uniform_schedule"]

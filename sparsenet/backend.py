@@ -69,23 +69,35 @@ def to_device(a, xp):
     return asnumpy(a) if xp is numpy else xp.asarray(a)
 
 
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
 def set_threads(n=None):
-    """Limit BLAS to ``n`` threads (default ``$SPARSENET_THREADS``, else 1) for this process.
+    """Limit BLAS to ``n`` threads for this process (through threadpoolctl); returns the count.
+
+    ``n=None`` is the package's default: ``$SPARSENET_THREADS``, else BLAS's own setting when one of
+    :data:`BLAS_ENV` (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, …) is set (left as it is), else 1.
+    ``import sparsenet`` applies that default once (:func:`ensure_threads`), so runs started from Python, a
+    hand-written loop included, compute like ``sparsenet`` commands; set one of those variables, call this
+    function or threadpoolctl's ``threadpool_limits`` after the import to choose another count.
 
     One thread is the default because BLAS threads spin-wait: on a machine whose cores are
     busy with other jobs, two threads made a LeNet epoch up to 60× slower. Results depend
     on the thread count (sums in another order); :func:`blas_info` records it."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 
+    global _threads
+    if n is None and not os.environ.get("SPARSENET_THREADS") and any(os.environ.get(v) for v in BLAS_ENV):
+        _threads = max((d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"), default=1)
+        return _threads
     n = n if n is not None else os.environ.get("SPARSENET_THREADS") or 1
     try:
         n = int(n)
     except ValueError:
         n = 0
     if n < 1:
-        raise SparsenetError(f"threads must be a whole number >= 1, got {n!r}")
+        raise SparsenetError(f"threads must be a whole number >= 1, got {n!r} (--threads, $SPARSENET_THREADS)")
     threadpool_limits(n, user_api="blas")
-    global _threads
     _threads = n
     return n
 
@@ -93,11 +105,19 @@ def set_threads(n=None):
 _threads = None
 
 
-def ensure_threads():
+def ensure_threads(strict=True):
     """:func:`set_threads` with its default unless this process already chose a thread count: every run
     (command line or API) computes with the same number of BLAS threads, so the same config gives the
-    same result whichever way it was started. Returns the count."""
-    return _threads if _threads is not None else set_threads()
+    same result whichever way it was started. Returns the count. ``import sparsenet`` calls it with
+    ``strict=False``: a bad ``$SPARSENET_THREADS`` then waits for the first run (or command) to report it."""
+    if _threads is not None:
+        return _threads
+    try:
+        return set_threads()
+    except SparsenetError:
+        if strict:
+            raise
+        return None
 
 
 def blas_info():

@@ -42,7 +42,11 @@ FORMAT, VERSION = "sparsenet-checkpoint", 1
 
 def save_checkpoint(path, net, optimizer=None, rng=None, epoch=0, config=None, log=None):
     """Write ``net`` (and optionally optimiser/RNG state and a run log) to ``path`` atomically; with
-    ``optimizer`` the parameters' momentum is saved (zeros where none exists yet)."""
+    ``optimizer`` the parameters' momentum is saved (zeros where none exists yet). A network that
+    breaks the pruning rule (:func:`sparsenet.pruning.check_masks`) is refused, nothing written."""
+    from .pruning import check_masks
+
+    check_masks(net)
     with h5io.create(path) as f:
         for key, value in (("format", FORMAT), ("network", json.dumps(net.spec())),
                            ("config", json.dumps(config or {})),
@@ -120,22 +124,22 @@ def load_checkpoint(path, xp=numpy):
                     "is missing" if got is None else f"has shape {got}, the network description declares {shape}"))
         net = build_network(spec, xp=xp)
         for name, p in net.params().items():
-            W = h5io.read_array(f, f"params/{name}", path, p.data.shape, kinds="f").astype(numpy.float32)
-            M = h5io.read_array(f, f"masks/{name}", path, p.data.shape, kinds="uifb")
+            W = h5io.read_array(f, f"params/{name}", path, p.data.shape, kinds="f", dtype=numpy.float32)
+            M = h5io.read_array(f, f"masks/{name}", path, p.data.shape, kinds="uifb", dtype=numpy.float32, exact=True)
             state = {}
             if opt_state is not None:
                 state["momentum"] = to_device(
-                    h5io.read_array(f, f"velocity/{name}", path, p.data.shape, kinds="f").astype(numpy.float32), xp)
+                    h5io.read_array(f, f"velocity/{name}", path, p.data.shape, kinds="f", dtype=numpy.float32), xp)
             shared = {}
             if f"codebooks/{name}" in f or f"codes/{name}" in f:
-                c = h5io.read_array(f, f"codebooks/{name}", path, kinds="f").astype(numpy.float32)
+                c = h5io.read_array(f, f"codebooks/{name}", path, kinds="f", dtype=numpy.float32)
                 shared = {"codebook": to_device(c, xp), "codes": to_device(
                     h5io.read_array(f, f"codes/{name}", path, p.data.shape, kinds="u"), xp)}
                 if opt_state is not None:
                     shared["codebook_state"] = {"momentum": to_device(h5io.read_array(
-                        f, f"codebook_velocity/{name}", path, kinds="f").astype(numpy.float32), xp)}
+                        f, f"codebook_velocity/{name}", path, kinds="f", dtype=numpy.float32), xp)}
             try:
-                p.load(to_device(W, xp), to_device(M.astype(numpy.float32), xp), state, **shared)
+                p.load(to_device(W, xp), to_device(M, xp), state, **shared)
             except SparsenetError as e:
                 raise SparsenetError(f"{path}: {name}: {e}") from None
         if "dropout_rng" in f.attrs and isinstance(net.dropout_rng, numpy.random.Generator):

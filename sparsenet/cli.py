@@ -13,6 +13,8 @@ from .model import MODELS, build_model
 from .optim import POLICIES, SETTINGS
 from .util import SparsenetError
 
+MODEL_FORMS = f"{', '.join(MODELS)}, or a network description FILE.json|FILE.toml (docs/networks.md)"
+
 
 def _add_common(p, json=True, data=True):
     p.add_argument("--device", choices=DEVICES, default=None,
@@ -32,13 +34,25 @@ def _add_optim(p, d):
     p.add_argument("--gamma", type=float, default=None,
                    help="gamma of the step/inv policies (default: step 0.1, inv 1e-4)")
     p.add_argument("--power", type=float, default=d["power"], help="power of the inv policy")
-    p.add_argument("--step-size", type=int, default=d["step_size"],
-                   help=f"iterations per step of the step policy (default {d['step_size']})")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--step-epochs", type=float, default=d["step_epochs"],
+                      help=f"epochs per step of the step policy (default {d['step_epochs']:g})")
+    step.add_argument("--step-size", type=int, default=None, action=_StepSize,
+                      help="iterations per step of the step policy, instead of --step-epochs")
     p.add_argument("--momentum", type=float, default=d["momentum"])
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="L2 strength (§3.1)")
     p.add_argument("--l1", type=float, default=d["l1"], help="L1 strength (§3.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     _add_common(p, json=False)
+
+
+class _StepSize(argparse.Action):
+    """``--step-size N``: the step policy's length in iterations, which replaces the default ``--step-epochs``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.step_size = values
+        if hasattr(namespace, "step_epochs"):  # not there when only explicit options are read (_given)
+            namespace.step_epochs = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +66,7 @@ def build_parser():
     import dataclasses
 
     from . import __version__
-    from .data import ALL_DATASETS, DATASETS
+    from .data import DATASET_FORMS
     from .engine import QUANTISE_DEFAULTS, RETRAIN_DEFAULTS, TrainConfig
     from .modelfile import ENCODINGS
     from .pruning import CRITERIA
@@ -65,10 +79,12 @@ def build_parser():
     d = dataclasses.asdict(TrainConfig())
     p = sub.add_parser("train", help="train a dense network (sparsenet's defaults; Caffe's solver with "
                                      "--lr 0.01 --lr-policy inv --epochs 11)")
-    p.add_argument("--model", choices=sorted(MODELS), default=d["model"])
+    p.add_argument("--model", default=d["model"], help=f"{MODEL_FORMS} (default {d['model']})")
     p.add_argument("--out", required=True, help="run directory (config.json, log.jsonl, checkpoint.h5)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--dataset", choices=sorted(ALL_DATASETS), default=d["dataset"])
+    p.add_argument("--dataset", default=d["dataset"], help=f"{DATASET_FORMS} (docs/data.md; default {d['dataset']})")
+    p.add_argument("--preprocess", help="image folders: KEY=VALUE,... or JSON, keys mode (unit|caffe|torch), size, "
+                                        "resize, grayscale, mirror (docs/data.md)")
     p.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']}")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--seed", type=int, default=d["seed"])
@@ -146,14 +162,20 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true")
     _add_common(p, json=False)
 
-    p = sub.add_parser("import", help="trained AlexNet/VGG-16 weights (.onnx, .safetensors) into a checkpoint",
-                       description="Reads the ONNX model zoo's bvlcalexnet/vgg16 files and torchvision/timm VGG-16 "
-                                   ".safetensors (tensors only: no code from the file runs) into a sparsenet checkpoint, "
-                                   "checking every layer's kind, settings and shape against the network.")
+    p = sub.add_parser("import", help="weights (.safetensors in torch's layout; AlexNet/VGG-16 .onnx, .safetensors) "
+                                      "into a checkpoint",
+                       description="Reads a .safetensors file in torch's state-dict layout (plain, or "
+                                   "torch.nn.utils.prune's weight_orig/weight_mask; `sparsenet export --format torch` "
+                                   "writes one) for any network, and for alexnet/vgg-16 also the ONNX model zoo's "
+                                   "bvlcalexnet/vgg16 files and torchvision/timm VGG-16 .safetensors (tensors only: no "
+                                   "code from the file runs) into a sparsenet checkpoint, checking every tensor against "
+                                   "the network. See docs/interop.md.")
     p.add_argument("file")
-    p.add_argument("--model", required=True, choices=("alexnet", "vgg-16"))
+    p.add_argument("--model", required=True, help=MODEL_FORMS)
     p.add_argument("--out", required=True, help="checkpoint to write")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--apply-masks", action="store_true",
+                   help="zero weight_orig where weight_mask prunes (torch's prune keeps the values there)")
 
     p = sub.add_parser("eval", help="test error of a checkpoint")
     p.add_argument("checkpoint")
@@ -161,15 +183,28 @@ def build_parser():
 
     p = sub.add_parser("summary", help="per-layer shapes and parameter counts")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint (or use --model)")
-    p.add_argument("--model", choices=sorted(MODELS))
+    p.add_argument("--model", help=MODEL_FORMS)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("export", help="write a model file (dense, CSR or relative-index sparse) and its storage table")
+    p = sub.add_parser("export", help="write a model file (dense, CSR or relative-index sparse) and its storage "
+                                      "table, or an ONNX model or torch tensors (safetensors)")
     p.add_argument("checkpoint", help="a checkpoint (or a model file)")
-    p.add_argument("out", nargs="?", help="model file to write (HDF5)")
-    p.add_argument("--format", choices=ENCODINGS, default="relative", help="encoding of the weights (default relative)")
+    p.add_argument("out", nargs="?", help="file to write: a model file (HDF5), .onnx or .safetensors")
+    p.add_argument("--format", choices=(*ENCODINGS, "onnx", "torch"), default=None,
+                   help="encoding of the weights, or onnx / torch (docs/interop.md) (default: onnx for OUT.onnx, "
+                        "torch for OUT.safetensors, else relative)")
+    p.add_argument("--sparse-initializers", action="store_true",
+                   help="onnx: store each weight as a sparse initializer (its connections only)")
+    p.add_argument("--layout", choices=("pruned", "dense"), default=None,
+                   help="torch: weight_orig + weight_mask as torch.nn.utils.prune keeps them (pruned, the "
+                        "default) or plain weight")
     p.add_argument("--report", action="store_true",
-                   help="write nothing: print the storage table and the on-disk size of all three formats")
+                   help="write nothing: print the storage table, the on-disk size of each model-file encoding "
+                        "(dense, csr, relative; compressed for a quantised network) and dense/relative (or "
+                        "/compressed) of this network's own files. After dead-neuron removal its dense file is "
+                        "smaller than the unpruned network's, so that ratio is below the README's (the unpruned "
+                        "network's dense file over the relative one) and below the compression prune prints "
+                        "(parameters over non-zero parameters)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -178,20 +213,73 @@ def build_parser():
     p.add_argument("--mode", choices=("auto", "dense", "sparse"), default="auto",
                    help="per-layer choice by density and batch size (auto), or force one")
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    p.add_argument("--dataset", default="mnist", help=f"{DATASET_FORMS} (docs/data.md; default mnist)")
     _add_common(p)
+
+    p = sub.add_parser("sweep", help="a pruning study over seeds, methods and densities, on Dask (docs/sweeps.md)",
+                       description="Runs the SPEC's task graph (a dense training per network, data set and seed, then "
+                                   "each pruning method at each kept fraction from it) on an embedded Dask cluster, "
+                                   "an existing one (--scheduler) or in this process (--serial), and writes "
+                                   "sweep.json, report.md and a figure: errors over seeds with 95% intervals, "
+                                   "paired comparisons, the paper's claims. A rerun skips finished tasks and "
+                                   "resumes interrupted ones.")
+    p.add_argument("spec", help="the study: a .json or .toml file (docs/sweeps.md)")
+    p.add_argument("--out", help="sweep folder (default runs/NAME)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                                           "(default: $SPARSENET_SCHEDULER, else an embedded cluster)")
+    where.add_argument("--serial", action="store_true", help="run the tasks one by one in this process")
+    p.add_argument("--workers", type=int, help="worker processes of the embedded cluster (default: one per core)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --scheduler (default 10)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="array backend of every task (default: $SPARSENET_DEVICE, else cpu)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding mnist/ on every worker (default: each worker's $SPARSENET_DATA, else ./data)")
     return ap
+
+
+# Options that say where and how a command runs, not what it computes: --resume may repeat them.
+_NOT_SETTINGS = {"command", "out", "resume", "device", "threads", "data_dir", "no_progress", "json"}
+
+
+def _given(argv):
+    """The destinations of the options and arguments given on the command line ``argv``, in order (argparse
+    fills the others with defaults, so they are read from a second parse with every default suppressed)."""
+    ap = build_parser()
+    for sub in (a for a in ap._actions if isinstance(a, argparse._SubParsersAction)):
+        for parser in sub.choices.values():
+            for action in parser._actions:
+                action.default = argparse.SUPPRESS
+    return list(vars(ap.parse_args(argv)))
+
+
+def _refuse_unused(a, why, allowed=()):
+    """Refuse, in one line naming them, the options given on the command line that ``why`` leaves unused
+    (all but :data:`_NOT_SETTINGS` and ``allowed``): an option is applied or refused, never ignored."""
+    unused = [d for d in getattr(a, "given", ()) if d not in _NOT_SETTINGS and d not in allowed]
+    if unused:
+        names = ", ".join("CHECKPOINT" if d == "checkpoint" else "--" + d.replace("_", "-") for d in unused)
+        raise SparsenetError(f"{names}: not used {why}")
+
+
+_RESUMED = ("with --resume: a run continues from its checkpoint with the settings it started with{}; start a new "
+            "run with another --out to change them")
 
 
 def cmd_train(a):
     from .engine import TrainConfig, train
 
     if a.resume:
+        _refuse_unused(a, _RESUMED.format(" (a training run may get more --epochs)"), allowed={"epochs"})
         log = train(a.out, resume=True, data_dir=a.data_dir, device=a.device, progress=not a.no_progress,
                     epochs=a.epochs)
     else:
+        from .data import parse_preprocess
+
         cfg = TrainConfig(model=a.model, dataset=a.dataset, batch_size=a.batch_size, seed=a.seed,
                           epochs=TrainConfig.epochs if a.epochs is None else a.epochs, train_subset=a.train_subset,
+                          preprocess=parse_preprocess(a.preprocess) if a.preprocess else None,
                           **{k: getattr(a, k) for k in SETTINGS})
         log = train(a.out, cfg, data_dir=a.data_dir, device=a.device, progress=not a.no_progress)
     if log:
@@ -204,7 +292,7 @@ def cmd_eval(a):
 
     r = evaluate(a.checkpoint, a.data_dir, a.device)
     top5 = f" (top-5 {100 * r['top5_error']:.2f}%)" if "top5_error" in r else ""
-    print(json.dumps(r) if a.json else f"{r['checkpoint']}: {r['model']} epoch {r['epoch']}  test error "
+    print(json.dumps(r) if a.json else f"{r['checkpoint']}: {r['model']}, {r['run']}  test error "
           f"{100 * r['test_error']:.2f}%{top5}  params {r['params']:,} (non-zero {r['nonzero_params']:,})")
 
 
@@ -222,10 +310,13 @@ def cmd_prune(a):
     from .engine import load_schedule, prune_run, uniform_schedule
 
     if a.resume:
+        _refuse_unused(a, _RESUMED.format(""))
         schedule = None
     elif a.checkpoint is None:
         raise SparsenetError("prune needs a CHECKPOINT to start from (or --resume)")
     elif a.schedule:
+        _refuse_unused(a, "with --schedule, which sets every round: put them in the schedule",
+                       allowed={"checkpoint", "schedule"})
         schedule = load_schedule(a.schedule)
     else:
         schedule = uniform_schedule(
@@ -233,7 +324,7 @@ def cmd_prune(a):
             freeze=[n for n in a.freeze.split(",") if n], remove_neurons=not a.keep_dead_neurons,
             **{k: getattr(a, k) for k in SETTINGS})
     log = prune_run(a.checkpoint, a.out, schedule, resume=a.resume, data_dir=a.data_dir, device=a.device,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, expect="prune")
     r = log[-1]
     print(f"{a.out}: test error {100 * r['test_error']:.2f}%, {r['nonzero_params']:,} of {r['params']:,} "
           f"parameters left ({r['compression']:.1f}x fewer)")
@@ -243,7 +334,9 @@ def cmd_quantise(a):
     from .engine import Schedule, prune_run
 
     schedule = None
-    if not a.resume:
+    if a.resume:
+        _refuse_unused(a, _RESUMED.format(""))
+    else:
         if a.checkpoint is None:
             raise SparsenetError("quantise needs a CHECKPOINT to start from (or --resume)")
         bits = parse_amount(a.bits, "--bits") if a.bits else "auto"
@@ -251,7 +344,7 @@ def cmd_quantise(a):
             "quantise": bits, "epochs": a.epochs, "batch_size": a.batch_size, "remove_neurons": False,
             **{k: getattr(a, k) for k in SETTINGS}}]})
     log = prune_run(a.checkpoint, a.out, schedule, resume=a.resume, data_dir=a.data_dir, device=a.device,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, expect="quantise")
     r = log[-1]
     print(f"{a.out}: test error {100 * r['test_error']:.2f}%, {r['nonzero_params']:,} of {r['params']:,} parameters "
           f"left, shared values per layer {next(x['shared'] for x in log if x.get('event') == 'quantise')}")
@@ -304,22 +397,25 @@ def cmd_reproduce(a):
 
 
 def cmd_import(a):
-    from .pretrained import import_checkpoint
+    from .interop import import_file
 
-    info = import_checkpoint(a.file, a.model, a.out, force=a.force)
-    print(f"{a.out}: {a.model} from {info['format']} ({info['layout']} layout), input {info['input_size']}x"
-          f"{info['input_size']}, preprocessing {info['preprocess']['mode']}")
+    info = import_file(a.file, a.model, a.out, force=a.force, apply_masks=a.apply_masks)
+    print(f"{a.out}: {a.model} from {info['format']} ({info['layout']} layout)" + (
+        f", input {info['input_size']}x{info['input_size']}, preprocessing {info['preprocess']['mode']}"
+        if "preprocess" in info else ""))
 
 
 def cmd_summary(a):
     if (a.checkpoint is None) == (a.model is None):
-        raise SparsenetError("summary needs either a CHECKPOINT or --model NAME (not both)")
+        raise SparsenetError("summary needs either a CHECKPOINT or --model NAME|FILE (not both)")
     from .checkpoint import load_checkpoint
 
     net = build_model(a.model) if a.model else load_checkpoint(a.checkpoint).net
+    from .model import is_description
     from .paper import LAYERS
 
-    rows, paper = net.summary(), LAYERS.get(net.name, {"rows": {}})
+    # the paper's rows only beside its own networks (a description file may take any name)
+    rows, paper = net.summary(), {"rows": {}} if is_description(a.model) else LAYERS.get(net.name, {"rows": {}})
     total = {"params": net.count_params(), "nonzero_params": net.count_nonzero(),
              "macs": sum(r["macs"] for r in rows)}
     for r in [*rows, total]:  # FLOP = 2 MACs, as the paper counts; its Table 2-5 numbers beside ours
@@ -334,12 +430,13 @@ def cmd_summary(a):
     def num(v):
         return "-" if v is None else f"{v:,}"
 
+    shown = 10 if paper.get("source") else 7  # the paper's three columns only where it has numbers
     print(text_table(["layer", "kind", "output", "weight", "params", "connections", "FLOP/sample", "paper weights",
-                      "paper FLOP", "paper weights% left"], [
+                      "paper FLOP", "paper weights% left"][:shown], [
         [r.get("name", "total"), r.get("kind", ""), "x".join(map(str, r.get("output_shape", []))),
          "x".join(map(str, r.get("weight_shape") or [])) or "-", f"{r['params']:,}", f"{r['nonzero_params']:,}",
          f"{r['flop']:,}", *((num((r["paper"] or {}).get(k)) for k in ("weights", "flop"))),
-         pct((r["paper"] or {}).get("weights_left"))] for r in [*rows, total]]))
+         pct((r["paper"] or {}).get("weights_left"))][:shown] for r in [*rows, total]]))
     if paper.get("source"):
         print(f"paper columns: {paper['source']}, as published")
 
@@ -349,9 +446,26 @@ def cmd_export(a):
 
     if (a.out is None) != a.report:
         raise SparsenetError("export needs an output file OUT.h5, or --report (which writes nothing)")
+    suffix = Path(a.out or "").suffix.lower()
+    a.format = a.format or {".onnx": "onnx", ".safetensors": "torch"}.get(suffix, "relative")
+    if a.report and a.format in ("onnx", "torch"):
+        raise SparsenetError(f"--report prints the HDF5 encodings' table; --format {a.format} needs an output file")
+    if a.sparse_initializers and a.format != "onnx" or a.layout and a.format != "torch":
+        raise SparsenetError(f"{'--sparse-initializers' if a.sparse_initializers else '--layout'} is an option of "
+                             f"--format {'onnx' if a.sparse_initializers else 'torch'}, not {a.format}")
     if a.out is not None and Path(a.out).exists() and not a.force:
         raise SparsenetError(f"{a.out} exists; choose another name or add --force to overwrite it")
     net = load_model(a.checkpoint)
+    if a.format in ("onnx", "torch"):
+        from .interop import export_onnx, export_torch
+
+        r = (export_onnx(net, a.out, a.sparse_initializers) if a.format == "onnx" else
+             export_torch(net, a.out, a.layout or "pruned"))
+        r.update(checkpoint=a.checkpoint, params=net.count_params(), nonzero_params=net.count_nonzero())
+        print(json.dumps(r) if a.json else f"{a.out}: {net.name} as {a.format} "
+              f"({r.get('layout', 'sparse initializers' if a.sparse_initializers else 'dense initializers')}), "
+              f"{r['nonzero_params']:,} of {r['params']:,} parameters left, {r['bytes']:,} B")
+        return
     r = {"checkpoint": a.checkpoint, **storage_report(net)}
     if a.report:
         r["file_bytes"] = export_sizes(net)
@@ -374,43 +488,65 @@ def cmd_export(a):
     sizes = r["file_bytes"]
     best = "compressed" if "compressed" in sizes else "relative"
     print("on disk: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items())
-          + (f"  (dense/{best} {sizes['dense'] / sizes[best]:.2f}x)" if a.report else f"  -> {a.out}"))
+          + (f"  (dense/{best} {sizes['dense'] / sizes[best]:.2f}x, both files of this network)" if a.report
+             else f"  -> {a.out}"))
 
 
 def cmd_predict(a):
     import time
 
     from .backend import array_module
-    from .data import load_split
+    from .data import check_dataset, open_splits
     from .inference import SparseNetwork
     from .modelfile import load_model
 
     if a.batch_size < 1:
         raise SparsenetError(f"--batch-size must be >= 1, got {a.batch_size}")
+    dataset = check_dataset(a.dataset)
     xp = array_module(a.device)
     net = load_model(a.model, xp)
-    x, t = load_split(a.dataset, net.input_shape, xp, a.data_dir, split="test", n_classes=net.n_classes)["test"]
+    test = open_splits({"dataset": dataset}, net, xp, a.data_dir, split="test")["test"]
     snet = SparseNetwork(net, a.mode)
-    t0 = time.perf_counter()
-    error = float((snet.predict(x, a.batch_size) != t).mean())
-    r = {"model": a.model, "test_error": error, "n_test": len(t), "mode": a.mode,
+    t0 = time.perf_counter()  # an image folder's test images are decoded batch by batch, inside the time
+    wrong = sum(int((snet.predict(x, a.batch_size) != t).sum()) for x, t in test.batches(a.batch_size, xp=xp))
+    error = wrong / len(test)
+    r = {"model": a.model, "test_error": error, "n_test": len(test), "mode": a.mode,
          "layers": snet.plan(a.batch_size), "seconds": time.perf_counter() - t0}
     if a.json:
         print(json.dumps(r))
         return
     plan = "; ".join(f"{k}: {', '.join(n for n, v in r['layers'].items() if v == k)}" for k in ("sparse", "dense")
                      if k in r["layers"].values())
-    print(f"{a.model}: test error {100 * error:.2f}% on {len(t):,} images in {r['seconds']:.2f} s "
+    print(f"{a.model}: test error {100 * error:.2f}% on {len(test):,} images in {r['seconds']:.2f} s "
           f"(layers run {plan or 'none'})")
+
+
+def cmd_sweep(a):
+    from .report import pct
+    from .sweeps import sweep
+
+    r = sweep(a.spec, a.out, scheduler=a.scheduler, serial=a.serial, workers=a.workers, data_dir=a.data_dir,
+              device=a.device, progress=not a.no_progress, timeout=a.connect_timeout)
+    for g in r["groups"]:
+        print(f"{g['label']}: dense {pct(g['dense']['mean'], 2)} over {g['dense']['n']} seeds")
+        for row in g["rows"]:
+            sd = "" if row["sd"] is None else f" ± {100 * row['sd']:.2f}"
+            failed = f", {row['failed']} failed" if row["failed"] else ""
+            print(f"  {row['method']:>13} {pct(row['density'], 1):>6} kept: {pct(row['mean'], 2)}{sd} "
+                  f"({row['n']} seeds{failed})")
+    failed = sum(t["status"] != "ok" for t in r["tasks"])
+    print(f"report: {r['out']}/report.md" + (f" ({failed} tasks failed; a rerun retries them)" if failed else ""))
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "reproduce": cmd_reproduce, "eval": cmd_eval, "summary": cmd_summary,
             "report": cmd_report, "sensitivity": cmd_sensitivity, "export": cmd_export, "predict": cmd_predict,
-            "import": cmd_import, "quantise": cmd_quantise}
+            "import": cmd_import, "quantise": cmd_quantise, "sweep": cmd_sweep}
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     a = build_parser().parse_args(argv)
+    a.given = _given(argv)
     try:
         set_threads(getattr(a, "threads", None))
         COMMANDS[a.command](a)
@@ -421,7 +557,7 @@ def main(argv=None):
         msg = "sparsenet: interrupted"
         if a.command in ("train", "prune", "quantise"):
             msg += f"; the last finished epoch is saved, continue with: sparsenet {a.command} --out {a.out} --resume"
-        elif a.command == "reproduce":
+        elif a.command in ("reproduce", "sweep"):
             msg += "; run the same command again to continue where it stopped"
         print(msg, file=sys.stderr)
         return 130

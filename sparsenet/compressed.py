@@ -30,7 +30,7 @@ import numpy
 from . import h5io, huffman
 from .backend import asnumpy
 from .codecs import BITS, as_matrix, csr_to_dense, relative_decode, relative_encode
-from .util import SparsenetError
+from .util import SparsenetError, checked_cast
 
 
 
@@ -87,8 +87,12 @@ def read(f, layout, dataset):
     dense, books, tables, stream = (dataset(f, k, kind) for k, kind in (
         ("dense", "f"), ("codebooks", "f"), ("tables", "u"), ("stream", "u")))
     for what, a in (("dense", dense), ("codebooks", books)):
-        if a.dtype != numpy.float32 or not numpy.isfinite(a).all():
-            raise ValueError(f"'{what}' must hold finite float32 values")
+        try:
+            if a.dtype != numpy.float32:
+                raise SparsenetError(f"'{what}' has dtype {a.dtype}, expected float32")
+            checked_cast(a, numpy.float32, repr(what))
+        except SparsenetError as e:
+            raise ValueError(f"{e} (must hold finite float32 values)") from None
     shared = [(name, kind, shape) for name, kind, shape, prunable in layout if prunable]
     counts = numpy.asarray(f["stream"].attrs.get("counts", numpy.zeros((0, 6))), dtype=numpy.int64).reshape(-1, 6)
     if counts.shape[0] != len(shared):

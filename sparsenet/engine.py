@@ -20,7 +20,9 @@ CPU). Nothing is written before the request is validated and the data loaded.
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,14 +32,15 @@ import numpy
 from . import cuda, pruning
 from .backend import array_module, device_name, ensure_threads
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import ALL_DATASETS, ArraySplit, open_splits
-from .model import MODELS, build_model
-from .optim import SETTINGS, SGD, check_settings
-from .util import SparsenetError, eta, progress_bar, whole, write_text_atomic
+from .data import IMAGE_FOLDERS, ArraySplit, check_dataset, image_preprocess, open_splits, parse_dataset
+from .model import build_model, is_description, model_spec
+from .optim import SETTINGS, SGD, check_settings, layered
+from .util import SparsenetError, eta, new_output, progress_bar, whole, write_text_atomic
 
-# Retraining defaults, chosen by experiment on LeNet-300-100 (README, "Pruning").
-RETRAIN_DEFAULTS = {"epochs": 4, "lr": 0.02, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": 1876,
-                    "momentum": 0.9, "weight_decay": 5e-4, "l1": 0.0, "batch_size": 64, "freeze": [],
+# Retraining defaults, chosen by experiment on LeNet-300-100 (reproduce/README.md, "Retraining defaults, chosen
+# by experiment"): lr ×0.1 every 2 epochs (1,876 iterations of a full MNIST epoch at batch 64; optim's docstring).
+RETRAIN_DEFAULTS = {"epochs": 4, "lr": 0.02, "lr_policy": "step", "gamma": None, "power": 0.75, "step_size": None,
+                    "step_epochs": 2, "momentum": 0.9, "weight_decay": 5e-4, "l1": 0.0, "batch_size": 64, "freeze": [],
                     "remove_neurons": True}
 # Codebook fine-tuning (sparsenet quantise): a shared value moves by the sum of its weights' gradients.
 QUANTISE_DEFAULTS = {"epochs": 2, "lr": 0.001, "lr_policy": "fixed"}
@@ -47,8 +50,11 @@ ROUND_KEYS = {"criterion", "amount", "quantise"} | set(RETRAIN_DEFAULTS)  # quan
 # ----------------------------------------------------------------------------- configurations
 @dataclasses.dataclass
 class TrainConfig:
-    """Dense training settings: Caffe's MNIST solver except the schedule (README, "Training
-    defaults": lr 0.05, ×0.1 every 7 epochs, 20 epochs; ``--lr-policy inv --lr 0.01`` is Caffe's)."""
+    """Dense training settings: Caffe's MNIST solver except the schedule: lr 0.05, ×0.1 every 7 epochs
+    (``step_epochs``; 6,566 iterations of 938 batches on all of MNIST at batch 64), 20 epochs; ``--lr-policy inv
+    --lr 0.01`` is Caffe's (README, "The method in the code", **Defaults**; reproduce/README.md, "Training
+    defaults, and where they differ from Caffe's solver"). ``step_size`` (iterations) replaces ``step_epochs``
+    when set (configs written before ``step_epochs`` existed give it)."""
 
     model: str = "lenet-300-100"
     dataset: str = "mnist"
@@ -61,27 +67,44 @@ class TrainConfig:
     lr_policy: str = "step"
     gamma: float | None = None
     power: float = 0.75
-    step_size: int = 6566
+    step_size: int | None = None
+    step_epochs: float | None = None  # None: 7, unless step_size is set
     seed: int = 0
     train_subset: int = 0  # use only the first N training images (0 = all); for tests/CI
+    preprocess: dict | None = None  # image folders only (docs/data.md); None: the defaults for the network
 
-    def validate(self):
-        for key, choices in (("model", MODELS), ("dataset", ALL_DATASETS)):
-            if getattr(self, key) not in choices:
-                raise SparsenetError(f"unknown {key} {getattr(self, key)!r}: choose from {', '.join(choices)}")
+    def __post_init__(self):
+        if self.step_size is None and self.step_epochs is None:
+            self.step_epochs = 7
+
+    def validate(self, base=None):
+        """Check every setting; the network description (a name in MODELS, or a .json/.toml file, checked
+        whole) and the data set (docs/data.md) are read now. File paths in ``model`` and ``dataset`` are
+        made absolute (relative ones against the folder ``base``, default the working directory), so the
+        run's config finds them from anywhere; a resumed run needs neither file (the checkpoint has the
+        network)."""
+        if is_description(self.model):
+            self.model = os.path.abspath(Path(base or ".").expanduser() / Path(self.model).expanduser())
+        spec = model_spec(self.model)
+        self.dataset = check_dataset(self.dataset, base)
+        if self.preprocess is not None:
+            kind = parse_dataset(self.dataset)[0]
+            if kind not in IMAGE_FOLDERS:
+                raise SparsenetError(f"preprocess applies to image folders (folder:DIR, imagenet), not to {kind}")
+            image_preprocess(self.preprocess, spec["input_shape"], self.dataset)
         for key in ("epochs", "batch_size", "seed", "train_subset"):
             whole(getattr(self, key), key, 1 if key in ("epochs", "batch_size") else 0)
         check_settings(dataclasses.asdict(self))
         return self
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, base=None):
         if not isinstance(d, dict):
             raise SparsenetError("training settings must be a JSON object")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise SparsenetError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        return cls(**d).validate()
+        return cls(**d).validate(base)
 
     def schedule(self):
         """Dense training as a run: one round that prunes nothing."""
@@ -119,7 +142,8 @@ class Schedule:
             if set(r) - ROUND_KEYS:
                 raise SparsenetError(f"round {i}: unknown keys {', '.join(sorted(set(r) - ROUND_KEYS))}")
             prune = {} if "quantise" in r else {"criterion": "quality", "amount": 1.0}  # a quantise round: no prune
-            out.append(_check_round({"criterion": None, "amount": None, **prune, **RETRAIN_DEFAULTS, **retrain, **r}, i))
+            r = layered({"criterion": None, "amount": None}, prune, RETRAIN_DEFAULTS, retrain, r)  # r's step wins
+            out.append(_check_round(r, i))
         return cls(out, whole(d.get("seed", 0), "schedule seed", 0))
 
     def to_dict(self):
@@ -204,8 +228,10 @@ def train_epoch(net, opt, data, batch_size, rng, progress=None):
 
     On the GPU the step (forward, backward, update, running sums) is replayed from a CUDA graph per batch
     shape (:class:`sparsenet.cuda.CapturedStep`) unless :func:`sparsenet.cuda.capturable` says why not;
-    the same kernels run either way, and nothing is copied to the host until the epoch ends."""
+    the same kernels run either way, and nothing is copied to the host until the epoch ends. It tells ``opt``
+    the epoch's length (``batches_per_epoch``), which a step policy in epochs (``step_epochs``) counts in."""
     xp = net.xp
+    opt.batches_per_epoch = -(-len(data) // batch_size)
     loss_sum = xp.zeros((), dtype=numpy.float64)
     wrong = xp.zeros((), dtype=numpy.int64)
 
@@ -252,6 +278,11 @@ class _Run:
         self.dir, self.ckpt = Path(run_dir), Path(run_dir) / "checkpoint.h5"
         self.net, self.schedule, self.state, self.base_config = net, schedule, state, base_config
         self.log, self.rng, self.progress = log, rng, progress
+        self.new = True  # a new run (not resumed): removed if it fails before it has saved any work
+
+    def worth_keeping(self):
+        """Whether the run folder holds work: a resumed run, or one that has saved a prune or an epoch."""
+        return not self.new or any(r.get("event") in ("prune", "quantise") or "epoch" in r for r in self.log)
 
     def record(self, rec):
         self.log.append(rec)
@@ -280,10 +311,15 @@ class _Run:
 
 
 def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, data_dir=None, device=None,
-        progress=True, epochs=None):
+        progress=True, epochs=None, expect=None):
     """Run (or resume) a schedule in ``run_dir``; returns the log records. A new run starts
     from ``source`` (a checkpoint path, or a :class:`~sparsenet.model.Network` with
-    ``base_config``: dataset, train_subset, …). ``epochs`` raises a resumed dense run's length."""
+    ``base_config``: dataset, train_subset, …). ``epochs`` raises a resumed dense run's length.
+
+    Resuming checks the whole stored state first (:func:`check_run_state`; ``expect``: the kind
+    of run the caller continues, :data:`RUN_KINDS`) and writes nothing when it does not hold, or
+    when the run is already finished. A new run that fails with a :class:`SparsenetError` before
+    its first epoch is saved leaves nothing behind (no folder, no files)."""
     run_dir = Path(run_dir)
     xp = array_module(device)
     ensure_threads()
@@ -291,17 +327,18 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
         raise SparsenetError("a new run needs a schedule")
     if resume:
         ck = load_checkpoint(run_dir / "checkpoint.h5", xp)
-        base_config = dict(ck.config)
-        state = base_config.pop("run", None)
-        if not isinstance(state, dict) or ck.log is None:
-            raise SparsenetError(f"{run_dir / 'checkpoint.h5'}: not a run checkpoint of this version (no run state)")
-        net, schedule, log, rng = ck.net, Schedule.from_dict(state["schedule"]), ck.log, ck.rng()
+        state, schedule, base_config = check_run_state(ck, run_dir, expect)
+        net, log, rng = ck.net, ck.log, ck.rng()
         if epochs is not None:
             if schedule.prunes:
                 raise SparsenetError("--epochs with --resume applies to dense training runs only")
             schedule.rounds[0]["epochs"] = epochs
             _check_round(schedule.rounds[0], 1)
+            if epochs < state["epoch"]:
+                raise SparsenetError(f"{run_dir} has trained {state['epoch']} epochs already; --epochs {epochs} "
+                                     "cannot shorten it")
             base_config["epochs"] = epochs
+            state.update(schedule=schedule.to_dict(), schedule_id=schedule_id(schedule))
     else:
         if (run_dir / "checkpoint.h5").exists():
             raise SparsenetError(f"{run_dir} already holds a {'pruning ' if schedule.prunes else ''}run; "
@@ -310,12 +347,14 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
         if isinstance(source, (str, Path)):
             ck = load_checkpoint(source, xp)
             net, base_config = ck.net, {k: v for k, v in ck.config.items() if k not in ("run", "prune")}
-        state = {"round": 0, "stage": "prune", "epoch": 0, "iteration": 0, "schedule": schedule.to_dict()}
+        state = {"kind": run_kind(schedule), "round": 0, "stage": "prune", "epoch": 0, "iteration": 0,
+                 "schedule": schedule.to_dict(), "schedule_id": schedule_id(schedule)}
         log, rng = [], numpy.random.default_rng(schedule.seed)
     for i, r in enumerate(schedule.rounds, 1):  # the whole schedule is checked now, not at round 5
+        next_prune = i - 1 == state["round"] and state["stage"] == "prune"  # sees this net; later ones a pruned one
         try:
-            if r["criterion"] is not None:
-                pruning.check_amount(net, r["criterion"], r["amount"])
+            if r["criterion"] is not None and (next_prune or i - 1 > state["round"]):
+                pruning.check_amount(net, r["criterion"], r["amount"], current=next_prune)
             if r.get("quantise") is not None:
                 from .quantise import check_bits
 
@@ -325,6 +364,12 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
         net.freeze(r["freeze"])
     net.freeze(())
     data = open_splits(base_config, net, xp, data_dir)
+    if resume:
+        _check_iteration(state, schedule, len(data["train"]), run_dir)
+        if _finished(state, schedule):
+            if progress:
+                print(f"{run_dir}: {describe_state(state, schedule)}; nothing to do", file=sys.stderr)
+            return log
     if xp is not numpy:  # dropout on the GPU draws from a CuPy generator (not checkpointed)
         net.dropout_rng = xp.random.default_rng(int(rng.integers(2**63)))
     reuse_heap_memory()
@@ -332,22 +377,146 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     opt = SGD.from_settings(net.params(), schedule.rounds[min(state["round"], len(schedule.rounds) - 1)])
     opt.iteration = state["iteration"]
     if resume:
+        R.new = False
         for p in run_dir.glob(".*.tmp"):  # temporary files of a write that a kill interrupted
             p.unlink(missing_ok=True)
         R.write_views()
-    else:
+        _rounds(R, opt, data)
+        return log
+    with new_output(run_dir, lambda: not R.worth_keeping()):
         if schedule.prunes:
             R.record({"event": "start", "source": str(source) if isinstance(source, (str, Path)) else None,
                       **test_errors(net, data["test"]), **_totals(net)})
-        run_dir.mkdir(parents=True, exist_ok=True)
         R.commit(opt)
         R.write_views()
-    with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        while state["round"] < len(schedule.rounds):
-            _round(R, opt, data["train"], data["test"])
-            if state["round"] < len(schedule.rounds):
-                opt = SGD.from_settings(net.params(), schedule.rounds[state["round"]])
+        _rounds(R, opt, data)
     return log
+
+
+def _rounds(R, opt, data):
+    """The rounds from the run's position to the end of its schedule."""
+    with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        while R.state["round"] < len(R.schedule.rounds):
+            _round(R, opt, data["train"], data["test"])
+            if R.state["round"] < len(R.schedule.rounds):
+                opt = SGD.from_settings(R.net.params(), R.schedule.rounds[R.state["round"]])
+
+
+# ----------------------------------------------------------------------------- the stored run state
+RUN_KINDS = {"train": "dense training run", "prune": "pruning run", "quantise": "quantisation run"}
+_STATE_KEYS = {"kind", "round", "stage", "epoch", "iteration", "schedule", "schedule_id"}
+
+
+def run_kind(schedule):
+    """``"train"`` (prunes nothing), ``"quantise"`` (every round only shares weights) or ``"prune"``:
+    also the command that continues the run (``sparsenet KIND --out RUN --resume``)."""
+    if not schedule.prunes:
+        return "train"
+    return "quantise" if all(r["criterion"] is None for r in schedule.rounds) else "prune"
+
+
+def schedule_id(schedule):
+    """A fingerprint of a resolved schedule (the run state stores it beside the schedule)."""
+    return hashlib.sha256(json.dumps(schedule.to_dict(), sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def describe_state(state, schedule):
+    """Where a run stands, in words: "pruning run at round 2 of 4, epoch 1 of 3", "…, finished"."""
+    kind, n, k = state["kind"], len(schedule.rounds), state["round"]
+    what = RUN_KINDS[kind]
+    if _finished(state, schedule):
+        return f"{what}, finished ({n} round{'s' * (n > 1)})" if kind != "train" else \
+            f"{what}, finished ({state['epoch']} epoch{'s' * (state['epoch'] != 1)})"
+    epochs = schedule.rounds[k]["epochs"]
+    at = f"epoch {state['epoch']} of {epochs}" if state["stage"] == "retrain" else "before its first epoch" \
+        if kind == "train" else "before its prune"
+    return f"{what} at " + (f"round {k + 1} of {n}, " if kind != "train" else "") + at
+
+
+def _finished(state, schedule):
+    if state["kind"] == "train":
+        return state["stage"] == "retrain" and state["epoch"] == schedule.rounds[0]["epochs"]
+    return state["round"] == len(schedule.rounds)
+
+
+def _expected_log(state, schedule):
+    """The (event, round, epoch) of every record the log of a run at ``state`` holds, in order."""
+    if state["kind"] == "train":
+        return [("epoch", None, e) for e in range(1, state["epoch"] + 1)]
+    out = [("start", None, None)]
+    for k, r in enumerate(schedule.rounds[:state["round"] + 1]):
+        if k == state["round"] and state["stage"] == "prune":
+            break
+        out += [(ev, k + 1, None) for ev, on in (("prune", r["criterion"]), ("quantise", r.get("quantise")))
+                if on is not None]
+        done = k < state["round"]
+        out += [("epoch", k + 1, e) for e in range(1, (r["epochs"] if done else state["epoch"]) + 1)]
+        if done:
+            out.append(("round", k + 1, None))
+    return out
+
+
+def check_run_state(ck, run_dir, expect=None):
+    """Validate the whole stored state of the run in ``run_dir`` (``ck``: its loaded checkpoint) before a
+    resume writes anything: its kind (against ``expect``, the caller's command), the schedule and its
+    fingerprint, the position (round, stage, epoch) within the schedule, the iteration count and epoch
+    stored beside it, and that the log holds exactly the records of that position. Returns ``(state,
+    schedule, base_config)``; a mismatch is one line saying what the folder holds and which command
+    continues it."""
+    path = Path(run_dir) / "checkpoint.h5"
+    config = dict(ck.config)
+    state = config.pop("run", None)
+    if not isinstance(state, dict) or not isinstance(ck.log, list):
+        raise SparsenetError(f"{path}: not a run checkpoint of this version (no run state); it can be a source "
+                             "(sparsenet prune/quantise CHECKPOINT --out NEW_RUN) but not resumed")
+
+    def bad(what):
+        return SparsenetError(f"{path}: the stored run state is damaged ({what}); the run cannot be resumed")
+
+    if set(state) - _STATE_KEYS or _STATE_KEYS - {"kind", "schedule_id"} - set(state):
+        raise bad(f"keys {sorted(state)}")
+    try:
+        schedule = Schedule.from_dict(state["schedule"])
+    except SparsenetError as e:
+        raise bad(f"schedule: {e}") from None
+    kind = state.setdefault("kind", run_kind(schedule))
+    if kind not in RUN_KINDS or kind != run_kind(schedule):
+        raise bad(f"kind {kind!r} for a schedule of a {RUN_KINDS[run_kind(schedule)]}")
+    if state.setdefault("schedule_id", schedule_id(schedule)) != schedule_id(schedule):
+        raise bad("the schedule does not match its fingerprint")
+    n = len(schedule.rounds)
+    for key, low, high in (("round", 0, 0 if kind == "train" else n), ("epoch", 0, None), ("iteration", 0, None)):
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+            raise bad(f"{key} {v!r}, expected a whole number in {low}..{'' if high is None else high}")
+    k, stage, epoch = state["round"], state["stage"], state["epoch"]
+    if stage not in ("prune", "retrain") or (k == n and stage != "prune"):
+        raise bad(f"stage {stage!r} in round {k + 1} of {n}")
+    if epoch > (schedule.rounds[k]["epochs"] if k < n else 0) or (stage == "prune" and epoch):
+        raise bad(f"epoch {epoch} at the {stage} stage of round {k + 1}")
+    if ck.epoch != epoch or not isinstance(ck.optimizer_state, dict) or \
+            ck.optimizer_state.get("iteration") != state["iteration"] or ck.rng() is None:
+        raise bad("the epoch, iteration or generator stored beside the position do not match it")
+    got = [(r.get("event", "epoch"), r.get("round"), r.get("epoch")) if isinstance(r, dict) else r for r in ck.log]
+    if got != _expected_log(state, schedule):
+        raise bad(f"its log of {len(got)} records does not match the position ({describe_state(state, schedule)})")
+    if kind == "train" and (config.get("epochs") != schedule.rounds[0]["epochs"] or config.get("seed") != schedule.seed):
+        raise bad("the training settings disagree with the schedule")
+    if expect is not None and kind != expect:
+        raise SparsenetError(f"{run_dir} holds a {describe_state(state, schedule)}, not a {RUN_KINDS[expect]}; "
+                             f"continue it with: sparsenet {kind} --out {run_dir} --resume")
+    return state, schedule, config
+
+
+def _check_iteration(state, schedule, n_train, run_dir):
+    """The stored iteration count is the position's: ``epoch`` epochs of the round's batches (0 before them)."""
+    k = state["round"]
+    if k < len(schedule.rounds):
+        want = state["epoch"] * -(-n_train // schedule.rounds[k]["batch_size"])
+        if state["iteration"] != want:
+            raise SparsenetError(f"{Path(run_dir) / 'checkpoint.h5'}: the stored run state is damaged (iteration "
+                                 f"{state['iteration']}, but {state['epoch']} epochs of this data make {want}); "
+                                 "the run cannot be resumed")
 
 
 def _round(R, opt, train_data, test_data):
@@ -357,7 +526,11 @@ def _round(R, opt, train_data, test_data):
     if state["stage"] == "prune":
         if r["criterion"] is not None:
             t0 = time.perf_counter()
-            pruning.prune(net, r["criterion"], r["amount"])                       # step 2
+            try:                                                                  # step 2
+                pruning.prune(net, r["criterion"], r["amount"])
+            except SparsenetError as e:  # an amount that would empty a layer of the net the earlier rounds left
+                raise SparsenetError(f"round {k + 1}: {e}; the run stopped there: {R.ckpt} holds rounds 1-{k}, a "
+                                     f"source for `sparsenet prune {R.ckpt} --out NEW_DIR`") from None
             rates = pruning.adjust_dropout(net)                                   # §3.2
             R.record({"event": "prune", "round": k + 1, "criterion": r["criterion"], "amount": r["amount"],
                       **_totals(net), "dropout": rates, **test_errors(net, test_data),
@@ -386,8 +559,10 @@ def _round(R, opt, train_data, test_data):
                 bar.close()
         if not numpy.isfinite(loss) or not all(bool(net.xp.isfinite(p.data).all()) for p in net.params().values()):
             where = f"round {k + 1}, " if R.schedule.prunes else ""
-            raise SparsenetError(f"training diverged in {where}epoch {e + 1} (loss {loss:.4g}); the last good "
-                                 f"checkpoint is {R.ckpt} ({where}epoch {e}); start again with a lower learning rate")
+            kept = (f"the last good checkpoint is {R.ckpt} ({where}epoch {e})" if R.worth_keeping()
+                    else f"nothing was kept in {R.dir}")
+            raise SparsenetError(f"training diverged in {where}epoch {e + 1} (loss {loss:.4g}); {kept}; "
+                                 "start again with a lower learning rate")
         seconds = time.perf_counter() - t0
         rec = {"event": "epoch", "round": k + 1} if R.schedule.prunes else {}
         rec.update({"epoch": e + 1, "iteration": opt.iteration, "lr": opt.current_lr(), "loss": loss,
@@ -426,19 +601,21 @@ def train(run_dir, config=None, resume=False, data_dir=None, device=None, progre
     comes from the run's checkpoint, and ``epochs`` may raise the number of epochs.
     """
     if resume:
-        return run(run_dir, resume=True, data_dir=data_dir, device=device, progress=progress, epochs=epochs)
+        return run(run_dir, resume=True, data_dir=data_dir, device=device, progress=progress, epochs=epochs,
+                   expect="train")
     cfg = (config or TrainConfig()).validate()
     net = build_model(cfg.model, cfg.seed, array_module(device))
     return run(run_dir, cfg.schedule(), source=net, base_config=dataclasses.asdict(cfg), data_dir=data_dir,
                device=device, progress=progress)
 
 
-def prune_run(source, run_dir, schedule=None, resume=False, data_dir=None, device=None, progress=True):
+def prune_run(source, run_dir, schedule=None, resume=False, data_dir=None, device=None, progress=True, expect=None):
     """Run (or resume) an iterative prune/retrain schedule on the checkpoint ``source``
     (ignored on resume); returns the log records. The training data (dataset, subset)
-    follow the source's config."""
+    follow the source's config. ``expect`` (``"prune"`` or ``"quantise"``): the kind of run a
+    resume must find (:func:`check_run_state`)."""
     if resume:
-        return run(run_dir, resume=True, data_dir=data_dir, device=device, progress=progress)
+        return run(run_dir, resume=True, data_dir=data_dir, device=device, progress=progress, expect=expect)
     schedule = schedule or uniform_schedule()
     if not schedule.prunes:
         raise SparsenetError("the schedule prunes nothing: give every round a criterion")
@@ -451,5 +628,16 @@ def evaluate(checkpoint, data_dir=None, device=None):
     ck = load_checkpoint(checkpoint, xp)
     test = open_splits(ck.config, ck.net, xp, data_dir, split="test")["test"]
     return {"checkpoint": str(checkpoint), "model": ck.net.name, "dataset": ck.config.get("dataset", "mnist"),
-            "epoch": ck.epoch, "device": device_name(xp), **test_errors(ck.net, test),
+            "epoch": ck.epoch, "run": checkpoint_state(ck), "device": device_name(xp), **test_errors(ck.net, test),
             "params": ck.net.count_params(), "nonzero_params": ck.net.count_nonzero()}
+
+
+def checkpoint_state(ck):
+    """What a loaded checkpoint holds, in words: its run's position (:func:`describe_state`, e.g. "pruning run,
+    finished (4 rounds)"), or for one saved outside a run (``save_checkpoint``, ``sparsenet import``) its epoch."""
+    state = ck.config.get("run")
+    try:
+        schedule = Schedule.from_dict(state["schedule"])
+        return describe_state({"kind": run_kind(schedule), **state}, schedule)
+    except (SparsenetError, KeyError, TypeError, IndexError):
+        return f"saved outside a run, at epoch {ck.epoch}"

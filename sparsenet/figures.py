@@ -7,15 +7,15 @@ from .util import atomic_path
 
 
 def _plot(path, figsize, draw, dpi=120):
-    """A figure of ``figsize`` filled by ``draw(fig)``, saved atomically to ``path``; False without matplotlib."""
+    """A figure of ``figsize`` filled by ``draw(fig)``, saved atomically to ``path``; False without matplotlib.
+    Constrained layout fits titles, colour bars and figure legends into the figure."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    FigureCanvasAgg(fig := Figure(figsize=figsize))
+    FigureCanvasAgg(fig := Figure(figsize=figsize, layout="constrained"))
     draw(fig)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return True
@@ -63,21 +63,28 @@ def plot_tradeoff(result, path):
 
 def plot_curves(log, path):
     """Training loss and test error per epoch from a run's log records (a pruning run's rounds dashed off, the error
-    just after each prune an x); ``log`` may be a dict {title: records}, a panel each."""
+    just after each prune an x; one legend below the panels); ``log`` may be a dict {title: records}, a panel each."""
     logs = log if isinstance(log, dict) else {"training": log}
 
     def draw(fig):
+        from matplotlib.ticker import MaxNLocator
+
+        handles = {}
         for k, (title, recs) in enumerate(logs.items(), 1):
             ax = fig.add_subplot(1, len(logs), k)
             ax2, ep = ax.twinx(), [r for r in recs if "loss" in r]
-            ax.plot(range(1, len(ep) + 1), [r["loss"] for r in ep], ".-", color="tab:blue")
-            ax2.plot(range(1, len(ep) + 1), [100 * r["test_error"] for r in ep], ".-", color="tab:red")
+            handles["training loss"], = ax.plot(range(1, len(ep) + 1), [r["loss"] for r in ep], ".-", color="tab:blue")
+            handles["test error"], = ax2.plot(range(1, len(ep) + 1), [100 * r["test_error"] for r in ep], ".-",
+                                              color="tab:red")
             ax.set(xlabel="epoch (of the run)", ylabel="training loss (blue)", title=title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax2.set(ylabel="test error, % (red)")
             for r in (r for r in recs if r.get("event") == "prune"):
-                ax.axvline(x := 0.5 + sum(e.get("round", 0) < r["round"] for e in ep), color="gray", ls="--", lw=0.8)
-                ax2.plot(x, 100 * r["test_error"], "x", color="tab:red")
-    return _plot(path, (5 * len(logs), 4), draw)
+                x = 0.5 + sum(e.get("round", 0) < r["round"] for e in ep)
+                handles["round starts: prune"] = ax.axvline(x, color="gray", ls="--", lw=0.8)
+                handles["test error right after the prune"], = ax2.plot(x, 100 * r["test_error"], "x", color="tab:red")
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles), fontsize=8)
+    return _plot(path, (5 * len(logs), 4.3), draw)
 
 
 def plot_bits(sweep, path):
@@ -111,7 +118,7 @@ def plot_pattern(net, path):
     image = fc is net.layers[0] and len(net.input_shape) == 1 and side * side == M.shape[1]
 
     def draw(fig):
-        fig.suptitle(pattern_title(net, fc.name), fontsize=10)
+        fig.suptitle(pattern_title(net, fc.name).replace(" (", "\n(", 1), fontsize=10)  # two lines: it fits
         ax = fig.add_subplot(1, 2 if image else 1, 1)
         ax.imshow(M, cmap="gray_r", aspect="auto", interpolation="nearest")
         ax.set_title(f"kept connections: {M.shape[0]} units x {M.shape[1]} inputs", fontsize=9)

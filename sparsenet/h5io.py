@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy
 
-from .util import SparsenetError, atomic_path
+from .util import SparsenetError, atomic_path, checked_cast
 
 # Filters built into every HDF5 (h5py alone reads the files): a checksum always; byte
 # shuffle + deflate (lossless) where ``compress`` asks for it (sparse streams).
@@ -62,9 +62,11 @@ def json_attr(obj, key, path, what="file"):
         raise SparsenetError(f"{path}: attribute {key!r} is not valid JSON ({e})") from None
 
 
-def read_array(g, key, path, shape=None, kinds="fiub", finite=True):
-    """Dataset ``g[key]`` as a NumPy array, checked: present, a dataset, of ``shape`` (if
-    given), of a dtype kind in ``kinds``, and finite (if ``finite``)."""
+def read_array(g, key, path, shape=None, kinds="fiub", dtype=None, exact=False):
+    """Dataset ``g[key]`` as a NumPy array of ``dtype`` (default: as stored), checked: present, a
+    dataset, of ``shape`` (if given), of a dtype kind in ``kinds``, then converted and checked by
+    :func:`sparsenet.util.checked_cast` (finite and in range *after* the conversion; ``exact``: no
+    value changed by it)."""
     d = g.get(key)
     if not isinstance(d, h5py.Dataset):
         raise SparsenetError(f"{path}: dataset {key!r} is missing")
@@ -73,9 +75,7 @@ def read_array(g, key, path, shape=None, kinds="fiub", finite=True):
     if d.dtype.kind not in kinds:
         raise SparsenetError(f"{path}: {key!r} has dtype {d.dtype}")
     a = d[()]
-    if finite and a.dtype.kind == "f" and not numpy.all(numpy.isfinite(a)):
-        raise SparsenetError(f"{path}: {key!r} holds NaN or infinite values")
-    return a
+    return checked_cast(a, a.dtype if dtype is None else dtype, f"{path}: {key!r}", exact)
 
 
 @contextlib.contextmanager

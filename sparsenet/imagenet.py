@@ -1,16 +1,20 @@
-"""ILSVRC-2012 (ImageNet) images from a folder tree, Caffe- or torchvision-style preprocessing, top-k errors.
+"""Images from a folder tree (ILSVRC-2012 / ImageNet, or any ``folder:DIR`` data set), preprocessing
+(Caffe, torchvision, or plain [0, 1] values; RGB or grayscale), top-k errors; and :class:`DataError`.
 
 Layout under a root ``DIR`` (image files: .JPEG, .jpg, .jpeg or .png, any case; hidden entries ignored):
 
-* ``DIR/train/<wnid>/*.JPEG``: class ``i`` is the ``i``-th wnid in sorted order;
-* ``DIR/val/<wnid>/*.JPEG`` (classes through the train wnids when ``DIR/train`` exists, else the sorted
-  val wnids), or flat ``DIR/val/*.JPEG`` with a label file in ``DIR/val`` or ``DIR`` (first found):
-  Caffe's ``val.txt`` (``ILSVRC2012_val_00000001.JPEG 65`` per line, class indices) or Kaggle's
-  ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the id is the file name without extension,
-  the prediction string starts with the wnid).
+* ``DIR/train/<class>/*.JPEG``: class ``i`` is the ``i``-th class folder name in sorted order (ImageNet's
+  class folders are its wnids);
+* ``DIR/val/<class>/*.JPEG`` or ``DIR/test/<class>/*.JPEG`` (classes through the train folders when
+  ``DIR/train`` exists, else the sorted val/test folders), or flat ``DIR/val/*.JPEG`` with a label file in
+  ``DIR/val`` or ``DIR`` (first found): Caffe's ``val.txt`` (``ILSVRC2012_val_00000001.JPEG 65`` per
+  line, class indices) or Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the id is the
+  file name without extension, the prediction string starts with the wnid).
 
 File order: classes in index order, each class's files sorted by name (flat val: sorted by name).
-Decoding needs Pillow (``pip install Pillow``), imported only when images are read.
+Decoding needs Pillow (``pip install Pillow``), imported only when images are read. This module imports
+nothing else of the package's data code, so :mod:`sparsenet.data` imports it (and its :class:`DataError`)
+at the top, without an import cycle.
 """
 import collections
 import csv
@@ -22,46 +26,55 @@ from pathlib import Path
 import numpy
 
 from .backend import get_array_module, to_device
-from .data import DataError
 from .util import SparsenetError, whole
 
 EXTS = (".jpeg", ".jpg", ".png")
-MODES = ("caffe", "torch")
+MODES = ("caffe", "torch", "unit")
+SPLITS = ("train", "val", "test")
 CAFFE_MEAN_BGR = numpy.array([104, 117, 123], numpy.float32)
 TORCH_MEAN = numpy.array([0.485, 0.456, 0.406], numpy.float32)
 TORCH_STD = numpy.array([0.229, 0.224, 0.225], numpy.float32)
 _BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError)  # what PIL raises on corrupt or non-image files
 
 
+class DataError(SparsenetError):
+    """A data file is missing, unreadable, malformed or fails its checksum (also :mod:`sparsenet.data`'s)."""
+
+
 def _pil():
     try:
         from PIL import Image
     except ImportError:
-        raise SparsenetError("reading ImageNet images needs Pillow: pip install Pillow "
+        raise SparsenetError("reading images needs Pillow: pip install Pillow "
                              "(or pip install -e '.[imagenet]' in a sparsenet checkout)") from None
     return Image
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes a float32 ``(size, size, 3)`` NHWC network input. ``a``: the decoded RGB
-    image, resized with PIL's bilinear filter (antialiased when shrinking), as float32 values 0..255;
-    ``c`` indexes channels.
+    """How an image becomes a float32 ``(size, size, C)`` NHWC network input, ``C = 3`` (RGB) or, with
+    ``grayscale``, 1 (PIL's ``L``: ``0.299 R + 0.587 G + 0.114 B``). ``a``: the decoded image, resized
+    with PIL's bilinear filter (antialiased when shrinking), as float32 values 0..255; ``c`` indexes channels.
 
     * ``mode="caffe"`` (BVLC AlexNet, ONNX zoo bvlcalexnet): squash to ``resize × resize`` (as Caffe's
       convert_imageset), then BGR minus the mean: ``x[..., c] = a[..., 2 - c] - (104, 117, 123)[c]``;
     * ``mode="torch"`` (torchvision/timm VGG-16, ONNX zoo vgg16): shorter side to ``resize``, the longer
       to ``int(resize * long / short)`` (torchvision's rule), then
-      ``x[..., c] = (a[..., c] / 255 - (0.485, 0.456, 0.406)[c]) / (0.229, 0.224, 0.225)[c]``.
+      ``x[..., c] = (a[..., c] / 255 - (0.485, 0.456, 0.406)[c]) / (0.229, 0.224, 0.225)[c]``;
+    * ``mode="unit"`` (any network trained on [0, 1] pixels, as the MNIST ones): squash to
+      ``resize × resize`` as caffe mode, then ``x = a / 255``. The only mode for ``grayscale`` images.
 
     Then a ``size × size`` crop of the resized ``H × W`` image: evaluation takes the centre, top
-    ``(H - size) // 2`` in caffe mode (Caffe's) and ``round((H - size) / 2)`` in torch mode (torchvision's),
-    likewise left; training takes top ``floor(u0 * (H - size + 1))``, left ``floor(u1 * (W - size + 1))``
-    and mirrors (``x[:, ::-1]``) when ``u2 < 0.5``, for uniforms ``u0, u1, u2`` in [0, 1) (Caffe's training
-    transform; in torch mode too: a fixed-scale crop as VGG's S = 256, not torchvision's RandomResizedCrop)."""
+    ``(H - size) // 2`` in caffe and unit modes (Caffe's) and ``round((H - size) / 2)`` in torch mode
+    (torchvision's), likewise left; training takes top ``floor(u0 * (H - size + 1))``, left
+    ``floor(u1 * (W - size + 1))`` and, if ``mirror``, mirrors (``x[:, ::-1]``) when ``u2 < 0.5``, for
+    uniforms ``u0, u1, u2`` in [0, 1) (Caffe's training transform; in torch mode too: a fixed-scale crop as
+    VGG's S = 256, not torchvision's RandomResizedCrop)."""
     mode: str = "caffe"
     size: int = 227
     resize: int = 256
+    grayscale: bool = False
+    mirror: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -70,6 +83,17 @@ class Preprocess:
         whole(self.resize, "preprocess resize", 1)
         if self.resize < self.size:
             raise SparsenetError(f"preprocess resize ({self.resize}) must be >= size ({self.size})")
+        for key in ("grayscale", "mirror"):
+            if not isinstance(getattr(self, key), bool):
+                raise SparsenetError(f"preprocess {key} must be true or false, got {getattr(self, key)!r}")
+        if self.grayscale and self.mode != "unit":
+            raise SparsenetError(f"preprocess grayscale needs mode 'unit' (the {self.mode} normalisation is for "
+                                 "RGB images)")
+
+    @property
+    def channels(self):
+        """Channels of the network input: 1 (grayscale) or 3 (RGB)."""
+        return 1 if self.grayscale else 3
 
     @classmethod
     def from_dict(cls, d):
@@ -80,38 +104,41 @@ class Preprocess:
         return cls(**d)
 
     def to_dict(self):
-        """``{"mode", "size", "resize"}``, JSON-able."""
+        """``{"mode", "size", "resize", "grayscale", "mirror"}``, JSON-able."""
         return asdict(self)
 
     def resized(self, w, h):
         """``(width, height)`` an image of ``w × h`` pixels is resized to before cropping."""
-        if self.mode == "caffe":
+        if self.mode != "torch":
             return self.resize, self.resize
         short, long = sorted((w, h))
         return (self.resize, int(self.resize * long / short))[:: 1 if w <= h else -1]
 
 
 def load_image(path, pre=Preprocess(), u=None, out=None):
-    """Image file ``path`` as float32 ``(size, size, 3)`` (written into ``out`` if given): centre crop,
-    or with ``u = (u0, u1, u2)`` the training crop and mirror (see :class:`Preprocess`). Grayscale,
-    CMYK, palette and RGBA images are converted to RGB; a file PIL cannot read is a :class:`DataError`."""
+    """Image file ``path`` as float32 ``(size, size, C)`` (written into ``out`` if given): centre crop,
+    or with ``u = (u0, u1, u2)`` the training crop and mirror (see :class:`Preprocess`). Every colour
+    mode (grayscale, CMYK, palette, RGBA) is converted to RGB, or with ``pre.grayscale`` to PIL's ``L``;
+    a file PIL cannot read is a :class:`DataError`."""
     Image, s = _pil(), pre.size
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-        a = numpy.asarray(im.resize(pre.resized(*im.size), Image.BILINEAR))
+            im = im.convert("L" if pre.grayscale else "RGB")
+        w, h = pre.resized(*im.size)
+        a = numpy.asarray(im.resize((w, h), Image.BILINEAR)).reshape(h, w, pre.channels)
     except (*_BAD_IMAGE, Image.DecompressionBombError) as e:
         unknown = isinstance(e, Image.UnidentifiedImageError)
         why = "not an image file PIL knows" if unknown else f"{type(e).__name__}: {e}"
         raise DataError(f"{path}: cannot read image ({why})") from None
     dh, dw = a.shape[0] - s, a.shape[1] - s
     if u is None:
-        top, left, flip = ((dh // 2, dw // 2) if pre.mode == "caffe" else (round(dh / 2), round(dw / 2))) + (False,)
+        top, left, flip = ((dh // 2, dw // 2) if pre.mode != "torch" else (round(dh / 2), round(dw / 2))) + (False,)
     else:
-        top, left, flip = int(u[0] * (dh + 1)), int(u[1] * (dw + 1)), u[2] < 0.5
+        top, left, flip = int(u[0] * (dh + 1)), int(u[1] * (dw + 1)), pre.mirror and u[2] < 0.5
     a = a[top:top + s, left:left + s, :].astype(numpy.float32)
     a = a[:, ::-1] if flip else a
-    x = a[..., ::-1] - CAFFE_MEAN_BGR if pre.mode == "caffe" else (a / numpy.float32(255) - TORCH_MEAN) / TORCH_STD
+    x = (a[..., ::-1] - CAFFE_MEAN_BGR if pre.mode == "caffe" else a / numpy.float32(255) if pre.mode == "unit"
+         else (a / numpy.float32(255) - TORCH_MEAN) / TORCH_STD)
     if out is None:
         return x
     out[...] = x
@@ -175,22 +202,23 @@ def _label_file(root, d, files, wnids):
 
 
 def scan(root, split):
-    """``(paths, labels, wnids)`` of a split in file order: paths (str), int64 labels, the class wnids
-    (None for a flat val with val.txt and no train folder)."""
+    """``(paths, labels, wnids)`` of a split (``train``, ``val`` or ``test``: the sub-folder) in file order:
+    paths (str), int64 labels, the class names (ImageNet's wnids; None for a flat val with val.txt and no
+    train folder)."""
     root = Path(root).expanduser()
-    if split not in ("train", "val"):
-        raise SparsenetError(f"split must be train or val, got {split!r}")
+    if split not in SPLITS:
+        raise SparsenetError(f"split must be train, val or test, got {split!r}")
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder (expected an ILSVRC-2012 folder with train/ and val/ in it)")
+        raise DataError(f"{root}: no such folder (expected a folder with train/ and val/ in it)")
     d = root / split
     if not d.is_dir():
-        raise DataError(f"{root}: no {split}/ folder (expected {d}/<wnid>/*.JPEG)")
+        raise DataError(f"{root}: no {split}/ folder (expected {d}/<class>/*.JPEG)")
     train = _scandir(root / "train", True) if (root / "train").is_dir() else []
     classes = train if split == "train" else _scandir(d, True)
     if not classes:
         files = _scandir(d, False)
         if split == "train" or not files:
-            raise DataError(f"{d}: no class folders (expected {d}/<wnid>/*.JPEG)")
+            raise DataError(f"{d}: no class folders (expected {d}/<class>/*.JPEG)")
         labels, wnids = _label_file(root, d, files, train or None)
         return [str(d / f) for f in files], labels, wnids
     wnids = train or classes
@@ -218,11 +246,17 @@ def subset_indices(labels, n):
     return numpy.sort(numpy.lexsort((labels, rank))[:n])
 
 
+def held_out_split(root):
+    """The sub-folder of ``root`` that holds the images a run is tested on: ``val`` when it exists, else ``test``."""
+    root = Path(root).expanduser()
+    return "test" if (root / "test").is_dir() and not (root / "val").is_dir() else "val"
+
+
 class ImageFolder:
-    """One split (``"train"`` or ``"val"``) of an ILSVRC-2012 folder, see the module doc: ``paths`` (str),
-    ``labels`` int64 ``(N,)``, ``wnids``, ``n_classes``; ``subset=N > 0`` keeps :func:`subset_indices`
-    (a class-balanced first N, in file order). Images are decoded by ``workers`` threads
-    (default ``min(8, os.cpu_count())``)."""
+    """One split (``"train"``, ``"val"`` or ``"test"``) of an image folder (ILSVRC-2012's, or any with class
+    folders), see the module doc: ``paths`` (str), ``labels`` int64 ``(N,)``, ``wnids`` (the class names),
+    ``n_classes``; ``subset=N > 0`` keeps :func:`subset_indices` (a class-balanced first N, in file order).
+    Images are decoded by ``workers`` threads (default ``min(8, os.cpu_count())``)."""
 
     def __init__(self, root, split="train", preprocess=Preprocess(), subset=0, workers=None):
         _pil()
@@ -241,13 +275,14 @@ class ImageFolder:
         return f"ImageFolder({str(self.root)!r}, {self.split!r}: {len(self)} images, {self.n_classes} classes)"
 
     def batches(self, batch_size, rng=None, train=False, xp=numpy, prefetch=2):
-        """Iterator of ``(x, t)`` on ``xp``: float32 ``(n, size, size, 3)``, int64 ``(n,)``, ``n <= batch_size``,
-        every image once. Order: ``rng.permutation(N)`` given a numpy Generator ``rng``, else file order.
-        ``train``: random crops and mirrors from uniforms ``u = rng.random((N, 3))`` (row i for the i-th image
-        of the epoch; an unseeded generator without ``rng``), all drawn here, so a seed gives the same batches
-        whatever the number of workers; else centre crops. While the caller works on a batch, the next
-        ``prefetch + 1`` are being prepared; leaving the loop early (break, an exception, ``close()``)
-        cancels the queued images and joins the workers."""
+        """Iterator of ``(x, t)`` on ``xp``: float32 ``(n, size, size, C)`` (``C``: ``preprocess.channels``),
+        int64 ``(n,)``, ``n <= batch_size``, every image once. Order: ``rng.permutation(N)`` given a numpy
+        Generator ``rng``, else file order. ``train``: random crops and mirrors (``preprocess.mirror``) from
+        uniforms ``u = rng.random((N, 3))`` (row i for the i-th image of the epoch; an unseeded generator
+        without ``rng``), all drawn here, so a seed gives the same batches whatever the number of workers;
+        else centre crops. While the caller works on a batch, the next ``prefetch + 1`` are being prepared;
+        leaving the loop early (break, an exception, ``close()``) cancels the queued images and joins the
+        workers."""
         whole(batch_size, "batch_size", 1)
         whole(prefetch, "prefetch")
         order = rng.permutation(len(self)) if rng is not None else numpy.arange(len(self))
@@ -255,13 +290,13 @@ class ImageFolder:
         return self._batches(order, u, batch_size, xp, prefetch)
 
     def _batches(self, order, u, batch_size, xp, prefetch):
-        s, pending = self.preprocess.size, collections.deque()
+        s, c, pending = self.preprocess.size, self.preprocess.channels, collections.deque()
         starts = iter(range(0, len(order), batch_size))
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sparsenet-imagenet")
 
         def submit(start):  # one task per image, each writing its row of the batch
             idx = order[start:start + batch_size]
-            x = numpy.empty((len(idx), s, s, 3), numpy.float32)
+            x = numpy.empty((len(idx), s, s, c), numpy.float32)
             pending.append((x, self.labels[idx], [pool.submit(
                 load_image, self.paths[i], self.preprocess, None if u is None else u[start + k], x[k])
                 for k, i in enumerate(idx)]))

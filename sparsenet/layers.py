@@ -346,7 +346,8 @@ class Weighted(Layer):
 
     def backward(self, gy):
         W, b = self.params["W"], self.params["b"]
-        gx, W.grad, b.grad = kernel(self.kind, "backward")(gy, self.cache, W.mask, self.need_gx, not self.frozen)
+        # W._mask: the live mask, only read here (Param.mask hands out guarded views: a copy on CuPy)
+        gx, W.grad, b.grad = kernel(self.kind, "backward")(gy, self.cache, W._mask, self.need_gx, not self.frozen)
         self.cache = None
         return gx
 

@@ -3,7 +3,9 @@
 A network is described by its JSON-able ``spec`` (layers and input shape), which
 checkpoints store, so a network shrunk by dead-neuron removal rebuilds from its own file.
 """
+import json
 import math
+from pathlib import Path
 
 import numpy
 
@@ -324,9 +326,60 @@ def build_network(spec, seed=0, xp=numpy):
     return Network(layers, tuple(spec["input_shape"]), spec.get("name", ""), seed=seed + 1, origin=origin)
 
 
+DESCRIPTION_SUFFIXES = (".json", ".toml")
+
+
+def is_description(model):
+    """Whether ``model`` names a network description file (``.json``/``.toml``) rather than one of :data:`MODELS`."""
+    return isinstance(model, (str, Path)) and Path(model).suffix.lower() in DESCRIPTION_SUFFIXES
+
+
+def load_description(path):
+    """The network description in a ``.json`` or ``.toml`` file (schema: docs/networks.md; the same
+    object as :meth:`Network.spec`), checked whole by :func:`check_spec` before anything is built.
+    Without a ``name`` the file's stem names the network."""
+    path = Path(path)
+    if path.suffix.lower() not in DESCRIPTION_SUFFIXES:
+        raise SparsenetError(f"{path}: a network description must be a .json or .toml file")
+    if not path.is_file():
+        raise SparsenetError(f"{path}: no such network description file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            spec = tomllib.loads(text)
+        else:
+            spec = json.loads(text)
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # json's and tomllib's errors are ValueErrors
+        raise SparsenetError(f"{path}: cannot read the network description ({e})") from None
+    if not isinstance(spec, dict):
+        raise SparsenetError(f"{path}: a network description must be an object with 'input_shape' and 'layers'")
+    unknown = set(spec) - {"name", "input_shape", "layers"}
+    if unknown:
+        raise SparsenetError(f"{path}: unknown keys in the network description: {', '.join(sorted(unknown))}")
+    spec = {"name": path.stem, **spec}
+    if not isinstance(spec["name"], str) or not spec["name"]:
+        raise SparsenetError(f"{path}: the network's name must be a non-empty string")
+    try:
+        check_spec(spec)
+    except SparsenetError as e:
+        raise SparsenetError(f"{path}: {e}") from None
+    return spec
+
+
+def model_spec(model):
+    """The description of ``model``: a name in :data:`MODELS` or a description file (:func:`load_description`)."""
+    if is_description(model):
+        return load_description(model)
+    if model not in MODELS:
+        raise SparsenetError(f"unknown model {model!r}: choose from {', '.join(MODELS)}, or give a network "
+                             "description file (.json/.toml)")
+    input_shape, layers = MODELS[model]()
+    return {"name": model, "input_shape": list(input_shape), "layers": layers}
+
+
 def build_model(name, seed=0, xp=numpy):
-    """One of :data:`MODELS` by name, freshly initialised (Caffe's xavier filler, zero biases)."""
-    if name not in MODELS:
-        raise SparsenetError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
-    input_shape, layers = MODELS[name]()
-    return build_network({"name": name, "input_shape": list(input_shape), "layers": layers}, seed, xp)
+    """One of :data:`MODELS` by name, or the network of a description file (``.json``/``.toml``),
+    freshly initialised (Caffe's xavier filler, zero biases)."""
+    return build_network(model_spec(name), seed, xp)

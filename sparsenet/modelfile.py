@@ -55,7 +55,7 @@ from .checkpoint import load_checkpoint
 from .codecs import (BITS, as_matrix, check_csr, csr_from_dense, csr_to_dense, pack_bits, relative_decode,
                      relative_encode, unpack_bits)
 from .model import build_network, check_spec
-from .util import SparsenetError
+from .util import SparsenetError, checked_cast
 
 FORMAT, VERSION = "sparsenet-model", 2
 READABLE = (1, 2)  # the versions load_model reads
@@ -134,7 +134,8 @@ def export_model(net, path, encoding="relative"):
     """Write ``net``'s parameters and connections to ``path`` (HDF5, atomically) in one of :data:`ENCODINGS`.
 
     Layout and filters: module docstring. A network whose description fails :func:`~sparsenet.model.check_spec`,
-    does not match its parameters or breaks the pruning rule is refused (:class:`SparsenetError`, nothing written).
+    does not match its parameters, breaks the pruning rule or holds values float32 cannot (NaN, inf, beyond its
+    range) is refused (:class:`SparsenetError`, nothing written), so no export makes a file that will not load.
     """
     if encoding not in ENCODINGS:
         raise SparsenetError(f"unknown format {encoding!r}: choose from {', '.join(ENCODINGS)}")
@@ -148,6 +149,7 @@ def export_model(net, path, encoding="relative"):
         for name, p in params.items():
             with _prefixed(f"parameter {name!r}: "):
                 p.check()
+                checked_cast(asnumpy(p.data), numpy.float32, "value")  # what load_model would refuse
     with h5io.create(path) as f:
         h5io.set_text(f, "format", FORMAT)
         f.attrs["version"] = VERSION
@@ -328,6 +330,7 @@ def _read_weight(f, name, encoding, shape, prunable, version, stream=None):
 def _finite_float32(a):
     if a.dtype != numpy.float32:
         raise ValueError(f"values have dtype {a.dtype}, expected float32")
-    if not numpy.all(numpy.isfinite(a)):
-        raise ValueError("NaN or infinite values")
-    return a
+    try:
+        return checked_cast(a, numpy.float32, "values")
+    except SparsenetError as e:
+        raise ValueError(str(e)) from None

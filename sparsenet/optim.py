@@ -28,6 +28,12 @@ Learning-rate policies, with t the iteration count (starting at 0):
 * ``step``:  η_t = base_lr · γ^⌊t / step_size⌋       (γ defaults to 0.1)
 * ``inv``:   η_t = base_lr · (1 + γ·t)^(−power)      (γ defaults to 1e-4; Caffe's MNIST solver)
 
+The step policy's length is ``step_epochs`` (epochs; :func:`sparsenet.engine.train_epoch` tells the
+optimiser how many batches an epoch of its data has, so ``step_size = round(step_epochs · batches per
+epoch)`` follows ``batch_size`` and ``train_subset``) or ``step_size`` (iterations, as Caffe's solver
+sets it): one of the two, the other None. The defaults are in epochs (7 for dense training, 2 for
+retraining: 6,566 and 1,876 iterations on MNIST's 60,000 images at batch 64, 938 batches an epoch).
+
 :data:`SETTINGS` is the one vocabulary of optimiser settings: the training config, the
 pruning schedules, the command-line flags and :class:`SGD` all use these names.
 """
@@ -41,7 +47,7 @@ from .util import SparsenetError, whole
 
 POLICIES = ("fixed", "step", "inv")
 DEFAULT_GAMMA = {"step": 0.1, "inv": 1e-4, "fixed": 0.0}
-SETTINGS = ("lr", "lr_policy", "gamma", "power", "step_size", "momentum", "weight_decay", "l1")
+SETTINGS = ("lr", "lr_policy", "gamma", "power", "step_size", "step_epochs", "momentum", "weight_decay", "l1")
 
 
 def learning_rate(policy, base_lr, t, gamma=None, power=0.75, step_size=1):
@@ -70,30 +76,70 @@ def check_settings(s, where=""):
     g = s["gamma"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0):
         raise SparsenetError(f"{where}gamma must be a finite number >= 0 (or null for the policy's default), got {g!r}")
-    whole(s["step_size"], f"{where}step_size", 1)
+    size, epochs = s.get("step_size"), s.get("step_epochs")
+    if size is not None:
+        whole(size, f"{where}step_size", 1)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                               or not math.isfinite(epochs) or epochs <= 0):
+        raise SparsenetError(f"{where}step_epochs must be a number > 0 (or null), got {epochs!r}")
+    if size is not None and epochs is not None:
+        raise SparsenetError(f"{where}the step policy's length is step_epochs ({epochs}) or step_size ({size} "
+                             "iterations), not both: set the other to null")
+    if s["lr_policy"] == "step" and size is None and epochs is None:
+        raise SparsenetError(f"{where}the step policy needs step_epochs or step_size")
     return s
+
+
+def layered(*dicts):
+    """Settings dicts merged left to right, where a dict that gives the step policy's length one way
+    (``step_size`` or ``step_epochs``) and not the other replaces the other's value from the dicts before it:
+    a round's ``step_size`` overrides the default ``step_epochs``."""
+    out = {}
+    for d in dicts:
+        out.update(d)
+        for key, other in (("step_size", "step_epochs"), ("step_epochs", "step_size")):
+            if d.get(key) is not None and other not in d:
+                out[other] = None
+    return out
 
 
 class SGD:
     """Momentum SGD over a dict of :class:`sparsenet.param.Param`; its own state is the
-    iteration count t (:meth:`state_dict` / :meth:`load_state_dict`)."""
+    iteration count t (:meth:`state_dict` / :meth:`load_state_dict`).
+
+    ``batches_per_epoch``: the epoch's length in iterations, which turns ``step_epochs`` into iterations;
+    :func:`sparsenet.engine.train_epoch` sets it from its data, so it is needed only by loops of their own."""
 
     def __init__(self, params, lr=0.01, momentum=0.9, weight_decay=5e-4, l1=0.0, lr_policy="inv",
-                 gamma=None, power=0.75, step_size=1):
+                 gamma=None, power=0.75, step_size=None, step_epochs=None, batches_per_epoch=None):
         self.settings = check_settings({"lr": lr, "lr_policy": lr_policy, "gamma": gamma, "power": power,
-                                        "step_size": step_size, "momentum": momentum,
+                                        "step_size": step_size, "step_epochs": step_epochs, "momentum": momentum,
                                         "weight_decay": weight_decay, "l1": l1})
-        self.params, self.iteration = params, 0
+        self.params, self.iteration, self.batches_per_epoch = params, 0, batches_per_epoch
         self._lr, self._fused, self._scales = None, None, None
 
     @classmethod
-    def from_settings(cls, params, settings):
-        """An optimiser from any dict holding the :data:`SETTINGS` keys (others ignored)."""
-        return cls(params, **{k: settings[k] for k in SETTINGS})
+    def from_settings(cls, params, settings, batches_per_epoch=None):
+        """An optimiser from any dict holding the :data:`SETTINGS` keys (others ignored; a missing
+        ``step_epochs``, as in configs written before it existed, is None)."""
+        return cls(params, **{k: settings.get(k) if k == "step_epochs" else settings[k] for k in SETTINGS},
+                   batches_per_epoch=batches_per_epoch)
+
+    def step_size(self):
+        """Iterations per step of the step policy: ``step_size``, or ``step_epochs`` epochs of
+        ``batches_per_epoch`` batches."""
+        s = self.settings
+        if s["step_size"] is not None:
+            return s["step_size"]
+        if self.batches_per_epoch is None:
+            raise SparsenetError("the step policy in epochs (step_epochs) needs the epoch's length: train with "
+                                 "sparsenet.engine.train_epoch, or give SGD batches_per_epoch (or a step_size)")
+        return max(1, round(s["step_epochs"] * self.batches_per_epoch))
 
     def current_lr(self):
         s = self.settings
-        return learning_rate(s["lr_policy"], s["lr"], self.iteration, s["gamma"], s["power"], s["step_size"])
+        return learning_rate(s["lr_policy"], s["lr"], self.iteration, s["gamma"], s["power"],
+                             self.step_size() if s["lr_policy"] == "step" else 1)
 
     def step(self):
         """Apply one update to every parameter that has a gradient; advance t."""

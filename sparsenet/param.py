@@ -55,15 +55,19 @@ class Param:
 
     @property
     def mask(self):
-        return self._mask
+        """The 0/1 mask, read-only: a NumPy view that refuses writes, a copy on CuPy (which has no
+        read-only arrays). Only this class's methods change a mask (module docstring)."""
+        return _read_only(self._mask)
 
     @property
     def codebook(self):
-        return self._codebook
+        """The shared values (read-only, as :attr:`mask`), or None."""
+        return _read_only(self._codebook)
 
     @property
     def codes(self):
-        return self._codes
+        """Each weight's index into the codebook (read-only, as :attr:`mask`), or None."""
+        return _read_only(self._codes)
 
     def share(self, codebook, codes):
         """Share values: install ``codebook`` (K ≤ 256 values) and ``codes`` (integers < K, this
@@ -155,7 +159,7 @@ class Param:
     def check(self):
         """Raise :class:`SparsenetError` if a rule is broken (the mask is not 0/1, a value or state
         entry is non-zero where pruned, or the shared values do not match: module docstring)."""
-        _check(self.data, self._mask, self.state, self._codebook, self._codes, self.codebook_state)
+        _check(self.data, self._mask, self.state, self._codebook, self._codes, self.codebook_state, self._keep)
 
     @property
     def size(self):
@@ -166,10 +170,24 @@ class Param:
         return int(get_array_module(self._mask).count_nonzero(self._mask))
 
 
-def _check(data, mask, state, codebook=None, codes=None, codebook_state=None):
+def _read_only(a):
+    """A view of ``a`` that cannot be written (NumPy), or a copy (CuPy), or None."""
+    if a is None or get_array_module(a) is not numpy:
+        return None if a is None else a.copy()
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _check(data, mask, state, codebook=None, codes=None, codebook_state=None, keep=False):
+    """The rules of the module docstring; ``keep`` (when not False) is the mask's bit pattern that
+    :meth:`Param.zero_pruned` applies (None: nothing pruned), which must agree with ``mask``."""
     xp = get_array_module(data)
     if not bool(xp.all((mask == 0) | (mask == 1))):
         raise SparsenetError("mask holds values other than 0 and 1")
+    if keep is not False and not bool(xp.all((mask != 0) == (True if keep is None else keep != 0))):
+        raise SparsenetError("mask disagrees with the connections the parameter holds (was the mask written "
+                             "to in place? masks change only through Param's methods)")
     pruned = mask == 0
     for what, a in (("value", data), *state.items()):
         if bool(xp.any(a[pruned] != 0)):

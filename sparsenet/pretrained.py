@@ -35,7 +35,7 @@ import numpy
 
 from . import model as M
 from .checkpoint import save_checkpoint
-from .util import SparsenetError
+from .util import SparsenetError, checked_cast
 
 PREPROCESS = {"alexnet": "caffe", "vgg-16": "torch"}  # Caffe: BGR minus mean; torch: RGB, mean/std
 _TV_CONV = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision's VGG-16 conv indices
@@ -92,10 +92,7 @@ def _array(a, path, what, shapes):
         raise SparsenetError(f"{path}: {what} has dtype {a.dtype}, expected floating point")
     if tuple(a.shape) not in shapes:
         raise SparsenetError(f"{path}: {what} has shape {tuple(a.shape)}, expected {shapes[0]}")
-    a = numpy.ascontiguousarray(a, dtype=numpy.float32)
-    if not numpy.isfinite(a).all():
-        raise SparsenetError(f"{path}: {what} holds NaN or infinite values")
-    return a
+    return numpy.ascontiguousarray(checked_cast(a, numpy.float32, f"{path}: {what}"))
 
 
 # ----------------------------------------------------------------------------- ONNX

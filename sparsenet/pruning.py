@@ -6,15 +6,16 @@ a pruned connection exactly 0 for good. Criteria read the mask, never ``W == 0``
 surviving weight may pass through zero). Targets and densities are fractions of the
 original (dense) layer.
 """
+import hashlib
 import math
 
 import numpy
 
 from . import layers as L
-from .backend import get_array_module
+from .backend import asnumpy, get_array_module
 from .util import SparsenetError
 
-CRITERIA = ("quality", "percentile", "global")
+CRITERIA = ("quality", "percentile", "global", "random")  # random: a baseline (random_mask)
 
 
 # ----------------------------------------------------------------------------- criteria
@@ -86,6 +87,27 @@ def percentile_mask(W, M, sparsity, size=None):
     return _keep_largest(W, M, sparsity, size)
 
 
+def random_mask(W, M, sparsity, size=None):
+    """A baseline, not a magnitude rule: prune survivors of ``M`` chosen uniformly at random until a
+    fraction ``sparsity`` of ``size`` weights (default ``M.size``) is pruned, as :func:`percentile_mask`
+    counts. The draw is seeded by the bytes of ``W`` and ``M`` (SHA-256): the same layer pruned again
+    gets the same mask (a resumed run re-prunes identically), networks trained from other seeds get
+    other masks. Returns the new mask (``M``'s shape and dtype)."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise SparsenetError(f"target sparsity must be in [0, 1], got {sparsity}")
+    xp = get_array_module(W)
+    n_keep = int(round((1.0 - sparsity) * (M.size if size is None else size)))
+    idx = xp.flatnonzero(M)
+    if n_keep >= idx.size:
+        return M.copy()
+    digest = hashlib.sha256(asnumpy(W).tobytes() + asnumpy(M).tobytes()).digest()
+    rng = numpy.random.default_rng(int.from_bytes(digest[:8], "little"))
+    chosen = rng.choice(int(idx.size), n_keep, replace=False)
+    new = xp.zeros(M.size, dtype=M.dtype)
+    new[idx[xp.asarray(chosen)]] = 1
+    return new.reshape(M.shape)
+
+
 def global_masks(params, sparsity, size=None):
     """One magnitude threshold over ``params`` (names -> :class:`~sparsenet.param.Param`):
     the smallest survivors are pruned until a fraction ``sparsity`` of all their weights
@@ -109,21 +131,77 @@ def global_masks(params, sparsity, size=None):
 
 
 # ----------------------------------------------------------------------------- pruning
-def check_amount(net, criterion, amount):
-    """Validate and resolve a criterion's amount before anything is pruned: ``global``'s one
-    sparsity in [0, 1], else per-layer values (:func:`layer_amounts`)."""
+def check_amount(net, criterion, amount, current=True, relative_to="original"):
+    """Validate and resolve a criterion's amount before anything is pruned: ``global``'s one sparsity,
+    else per-layer values (:func:`layer_amounts`). An amount that would prune every weight of a layer
+    (``global``: every weight) is refused, naming the largest amount that keeps one:
+
+    * ``percentile``, ``random``, ``global``: fractions pruned of the original layers (of ``relative_to``'s
+      sizes), so at most ``1 - 1/size`` (a fraction < 1 that still rounds to one weight kept);
+    * ``quality``: ``q ≤ max|w| / std(w)`` over the layer's surviving weights, which only the network
+      as it will be pruned can tell: checked when ``current`` (the default, as :func:`prune` calls it).
+      A schedule's later rounds, seen before the earlier ones have pruned, are checked with
+      ``current=False`` up front, then by :func:`prune` at their round.
+    """
     if criterion not in CRITERIA:
         raise SparsenetError(f"unknown pruning criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
+    params, size = net.params(), _sizes(net, relative_to)
     if criterion == "global":
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount <= 1:
             raise SparsenetError(f"the global criterion takes one target sparsity in [0, 1], got {amount!r}")
+        total = sum(size(n) for n, p in params.items() if p.prunable)
+        if total and round((1.0 - amount) * total) < 1:
+            raise SparsenetError(f"global amount {amount:g} prunes all {total:,} prunable weights; the largest that "
+                                 f"keeps one is {_floor(1 - 1 / total)} (the fraction of all of them pruned)")
         return float(amount)
     amounts = layer_amounts(net, amount)
     for name, a in amounts.items():
-        if not (0 <= a <= 1 if criterion == "percentile" else a >= 0):
+        if not (0 <= a <= 1 if criterion in ("percentile", "random") else a >= 0):
             raise SparsenetError(f"{criterion} amount for {name.rsplit('.', 1)[0]} must be "
-                                 f"{'in [0, 1]' if criterion == 'percentile' else '>= 0'}, got {a}")
+                                 f"{'>= 0' if criterion == 'quality' else 'in [0, 1]'}, got {a}")
+    if criterion in ("percentile", "random"):
+        limits, what = {n: 1 - 1 / size(n) for n in amounts}, "the fraction of its original weights pruned"
+        empties = [n for n, a in amounts.items() if round((1.0 - a) * size(n)) < 1]
+    elif current:
+        limits, what = {n: _quality_limit(params[n]) for n in amounts}, "q in |w| < q·std"
+        empties = [n for n, a in amounts.items() if limits[n] is not None and not _quality_keeps(params[n], a)]
+    else:
+        empties = []
+    if empties:
+        name, one = empties[0], not isinstance(amount, dict)  # one number for all layers: the largest that suits all
+        best = min(v for v in limits.values() if v is not None) if one else limits[name]
+        raise SparsenetError(f"{criterion} amount {amounts[name]:g} prunes every weight of "
+                             f"{', '.join(n.rsplit('.', 1)[0] for n in (empties if one else [name]))}; the largest "
+                             f"that keeps one{' in every layer' if one else ''} is {_floor(best)} ({what})")
     return amounts
+
+
+def _sizes(net, relative_to):
+    """``size(name)``: the weight count that fractions of parameter ``name`` are of: the original (dense) layer's,
+    or with ``relative_to="current"`` the layer's now."""
+    params = net.params()
+    if relative_to == "current":
+        return lambda name: params[name].size
+    return lambda name: net.origin.get(name.rsplit(".", 1)[0], {}).get("weights", params[name].size)
+
+
+def _floor(x, digits=4):
+    """``x`` rounded down to ``digits`` decimals (a suggested amount that does what it says)."""
+    return math.floor(x * 10**digits) / 10**digits
+
+
+def _quality_limit(p):
+    """The largest q for which ``|w| < q·std`` spares a surviving weight of ``p`` (max|w| / std), or None when
+    every q does (no survivor, or all of equal magnitude: std 0)."""
+    w = p.data[p.mask.astype(bool)]
+    std = float(w.std()) if w.size else 0.0
+    return float(abs(w).max()) / std if std > 0 else None
+
+
+def _quality_keeps(p, q):
+    """Whether :func:`quality_mask` with ``q`` keeps a weight of ``p`` (the same threshold, computed the same way)."""
+    alive = p.mask.astype(bool)
+    return bool((abs(p.data[alive]) >= q * float(p.data[alive].std())).any())
 
 
 def prune(net, criterion="quality", amount=1.0, relative_to="original"):
@@ -131,25 +209,23 @@ def prune(net, criterion="quality", amount=1.0, relative_to="original"):
 
     criterion ``quality``: amount = q per layer, threshold q·std (the paper's rule);
     ``percentile``: amount = target sparsity per layer; ``global``: one target sparsity
-    over all prunable weights. Per-layer amounts may be a dict (:func:`layer_amounts`).
+    over all prunable weights; ``random``: as percentile, survivors drawn at random (a
+    baseline, :func:`random_mask`). Per-layer amounts may be a dict (:func:`layer_amounts`).
     Targets are fractions of the *original* (dense) layers, also after dead-neuron removal;
     ``relative_to="current"`` measures them against the layers as they are now. New masks
-    go to :meth:`Param.prune`, which zeroes weights and momentum where they prune.
+    go to :meth:`Param.prune`, which zeroes weights and momentum where they prune. An amount
+    that would prune a whole layer is refused before anything changes (:func:`check_amount`).
     """
-    amounts = check_amount(net, criterion, amount)
     if relative_to not in ("original", "current"):
         raise SparsenetError(f"relative_to must be 'original' or 'current', got {relative_to!r}")
-    params = net.params()
-
-    def size(name):
-        return (net.origin.get(name.rsplit(".", 1)[0], {}).get("weights", params[name].size)
-                if relative_to == "original" else params[name].size)
-
+    amounts = check_amount(net, criterion, amount, relative_to=relative_to)
+    params, size = net.params(), _sizes(net, relative_to)
     if criterion == "global":
         prunable = {n: p for n, p in params.items() if p.prunable}
         new = global_masks(prunable, amounts, sum(size(n) for n in prunable))
-    elif criterion == "percentile":
-        new = {n: percentile_mask(params[n].data, params[n].mask, a, size(n)) for n, a in amounts.items()}
+    elif criterion in ("percentile", "random"):
+        fn = percentile_mask if criterion == "percentile" else random_mask
+        new = {n: fn(params[n].data, params[n].mask, a, size(n)) for n, a in amounts.items()}
     else:
         new = {n: quality_mask(params[n].data, params[n].mask, a) for n, a in amounts.items()}
     return {name: params[name].prune(M) for name, M in new.items()}

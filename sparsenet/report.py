@@ -11,6 +11,10 @@ One row per parametric layer (linear, conv), beside :data:`sparsenet.paper.LAYER
   non-zero inputs per entry: linear ``Σ_i S[i] · Σ_o M[o, i]``, conv
   ``Σ_{i,j,c} Σ_{p,q} S_pad[s·p+i, s·q+j, c] · Σ_f M[f, i, j, c]``.
 
+Units: ``macs`` and ``macs_left`` are per image (``macs_left`` the mean over the N test images, so
+``flop_left = macs_left / macs``); ``act_nonzero`` and ``act_entries`` are counts over all N images.
+(``metrics.json`` files written before this rule hold ``macs_left`` summed over the images.)
+
 Totals: weights and FLOP summed, act% = all non-zero / all activations, compression = ``params /
 nonzero_params`` (with biases). Sensitivity prunes one layer at a time, without retraining.
 """
@@ -73,22 +77,24 @@ def _nonzero_counts(net, x, t, batch_size):
 
 
 def _row(name, kind, weights, survivors, macs, left, nonzero, entries, n):
+    """A table row; ``macs`` per image, ``left`` summed over the ``n`` images (stored per image)."""
     return {"name": name, "kind": kind, "weights": weights, "flop": 2 * macs,
             "act": nonzero / entries if entries else 0.0,
             "weights_left": survivors / weights if weights else 0.0,
             "flop_left": left / (macs * n) if macs and n else 0.0,
-            "weights_nonzero": survivors, "macs": macs, "macs_left": left,
+            "weights_nonzero": survivors, "macs": macs, "macs_left": left / n,
             "act_nonzero": nonzero, "act_entries": entries}
 
 
 def layer_report(net, x, batch_size=None, *, t=None):
     """The paper's per-layer table for ``net`` (only read) on the test inputs ``x``; with labels ``t``
-    also the top-1 ``error``. Rows (``layers``, ``total``) give fractions and the raw counts behind them."""
+    also the top-1 ``error``. Rows (``layers``, ``total``) give fractions and the counts behind them (units: the
+    module docstring; ``macs`` and ``macs_left`` per image)."""
     n = len(x)
     if n == 0:
         raise SparsenetError("cannot report on an empty data set")
     counts, wrong = _nonzero_counts(net, x, t, batch_size or inference_batch(net.input_shape))
-    rows = []
+    rows, lefts = [], []
     for l in net.layers:
         if "W" not in l.params:
             continue
@@ -97,10 +103,11 @@ def layer_report(net, x, batch_size=None, *, t=None):
         units_now = l.params["W"].data.shape[0]
         units_origin = o["params"] - o["weights"]  # one bias per unit
         entries = n * math.prod(S_out.shape) * units_origin // units_now  # removed units as zeros
-        rows.append(_row(l.name, l.kind, o["weights"], l.params["W"].nonzero(), o["macs"],
-                         macs_left(l, S_in), int(S_out.sum()), entries, n))
-    total = _row("total", "", *(sum(r[k] for r in rows) for k in
-                                ("weights", "weights_nonzero", "macs", "macs_left", "act_nonzero", "act_entries")), n)
+        lefts.append(macs_left(l, S_in))
+        rows.append(_row(l.name, l.kind, o["weights"], l.params["W"].nonzero(), o["macs"], lefts[-1],
+                         int(S_out.sum()), entries, n))
+    total = _row("total", "", *(sum(r[k] for r in rows) for k in ("weights", "weights_nonzero", "macs")), sum(lefts),
+                 *(sum(r[k] for r in rows) for k in ("act_nonzero", "act_entries")), n)
     params = sum(o["params"] for o in net.origin.values())
     nonzero = net.count_nonzero()
     return {"model": net.name, "samples": n, "layers": rows, "total": total, "params": params,

@@ -18,7 +18,7 @@ import numpy
 from . import __version__
 from .backend import array_module, blas_info, cpu_model, resolve_device
 from .checkpoint import load_checkpoint
-from .data import load_split, test_arrays
+from .data import test_arrays
 from .engine import Schedule, TrainConfig, prune_run, train
 from .model import build_model
 from .figures import plot_bits, plot_curves, plot_pattern, plot_sensitivity, plot_tradeoff
@@ -54,8 +54,8 @@ def load_config(name):
             or ("train" in cfg) == ("pretrained" in cfg)):
         raise SparsenetError(f"{path}: an experiment needs 'experiment', 'prune' and either 'train' or 'pretrained' "
                              f"(allowed keys: {', '.join(sorted(CONFIG_KEYS))})")
-    if "train" in cfg:
-        TrainConfig.from_dict(cfg["train"])
+    if "train" in cfg:  # a description file or data set path is relative to the config's folder
+        cfg["train"] = dataclasses.asdict(TrainConfig.from_dict(cfg["train"], base=path.parent))
     else:
         pre = cfg["pretrained"]
         if not isinstance(pre, dict) or pre.get("model") not in PRETRAINED or set(pre) - {"model", "data"} or set(
@@ -178,7 +178,7 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights
         partial(prune_run, dense_ck), pruned_dir, sched, **kw), pruned_dir, sched)], seconds, "prune")
     xp = array_module(device)
     dense, pruned = (load_checkpoint(d / "checkpoint.h5", xp).net for d in (dense_dir, pruned_dir))
-    x, t = load_split(tcfg.dataset, dense.input_shape, xp, data_dir, split="test")["test"]
+    x, t = test_arrays(dataclasses.asdict(tcfg), dense, xp, data_dir)
     dense_rep, rep = _stage(progress, "report", [(f"per-layer table of the {k} network", 1, lambda n=n: layer_report(
         n, x, t=t)) for k, n in (("dense", dense), ("pruned", pruned))], seconds, "report")
     sens = trade = None
@@ -196,7 +196,7 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights
         ("curves", plot_curves, {"dense training": dense_log, "iterative pruning": log}, "curves.png"),
         ("bits", plot_bits, dc and dc["sweep"], "bits_sweep.png"))
         if arg is not None and plot(arg, out / f)}
-    model, cpus = tcfg.model, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model, cpus = dense.name, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     metrics = {
         "experiment": cfg["experiment"], "config": repo_path(cfg_path), "results": repo_path(out), "model": model,
         "dataset": tcfg.dataset, "dense": {"test_error": dense_rep["error"], "params": dense_rep["params"]},

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,31 @@ def test_runs_choose_blas_threads_like_the_command_line(monkeypatch):
     monkeypatch.setattr(backend, "_threads", None)
     monkeypatch.delenv("SPARSENET_THREADS")
     assert backend.ensure_threads() == 1
+
+
+def _blas_threads_after(code, **env):
+    """BLAS thread counts threadpoolctl reports after ``code`` in a fresh interpreter with ``env`` (and none of the
+    thread variables inherited from here)."""
+    import json
+    import subprocess
+    import sys
+
+    unset = ("SPARSENET_THREADS", "GOTO_NUM_THREADS", *backend.BLAS_ENV)
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
+    report = "import json; from threadpoolctl import threadpool_info as i; " \
+             "print(json.dumps([d['num_threads'] for d in i() if d['user_api'] == 'blas']))"
+    out = subprocess.run([sys.executable, "-c", f"{code}\n{report}"], env={**clean, **env}, capture_output=True,
+                         text=True, check=True).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to tell one BLAS thread from BLAS's default")
+def test_import_sets_the_default_blas_threads():
+    """`import sparsenet` alone gives a hand-written loop the command line's thread count; an explicit
+    $SPARSENET_THREADS wins, and a BLAS variable set by the user is left to BLAS."""
+    if _blas_threads_after("import numpy, scipy.linalg") != {2}:
+        pytest.skip("BLAS does not start with two threads here: nothing to tell apart")
+    assert _blas_threads_after("import sparsenet") == {1}
+    assert _blas_threads_after("import sparsenet", SPARSENET_THREADS="2") == {2}
+    assert _blas_threads_after("import sparsenet", OPENBLAS_NUM_THREADS="2") == {2}
+    assert _blas_threads_after("import sparsenet", OPENBLAS_NUM_THREADS="2", SPARSENET_THREADS="1") == {1}

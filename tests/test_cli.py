@@ -161,3 +161,42 @@ def test_report_and_sensitivity_follow_the_same_overwrite_policy(tmp_path):
         _one_line_error(run(cmd, str(tmp_path / "ck.h5"), *extra), "--force")
         assert (tmp_path / name).read_bytes() == before
         assert run(cmd, str(tmp_path / "ck.h5"), *extra, "--force").returncode == 0
+
+
+@pytest.mark.parametrize("args, named", [
+    (("prune", "{ck}", "--schedule", '{"rounds": [{"amount": 0.5}]}', "--criterion", "quality", "--epochs", "0"),
+     "--criterion, --epochs"),
+    (("prune", "--resume", "--lr", "0.1", "--epochs", "3"), "--lr, --epochs"),
+    (("prune", "{ck}", "--resume", "--step-size", "10"), "CHECKPOINT, --step-size"),
+    (("quantise", "--resume", "--bits", "4"), "--bits"),
+    (("train", "--resume", "--epochs", "5", "--seed", "1", "--lr-policy", "inv"), "--seed, --lr-policy"),
+])
+def test_options_that_would_be_ignored_are_refused(args, named, tmp_path, capsys):
+    """With --schedule, or when resuming (train: all but --epochs), run settings on the command line would not
+    be used: one line names them, before anything is read or written."""
+    from sparsenet import cli
+
+    out = tmp_path / "run"
+    args = [a.replace("{ck}", str(tmp_path / "ck.h5")) for a in args]
+    assert cli.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"sparsenet: error: {named}: not used with "), err
+    assert not out.exists()
+
+
+@pytest.mark.mnist
+def test_eval_says_what_the_checkpoint_holds(tmp_path, capsys):
+    """Not "epoch 0" for a pruned checkpoint: the position of the run that wrote it."""
+    from sparsenet import cli
+
+    dense, pruned = tmp_path / "dense", tmp_path / "pruned"
+    assert cli.main(["train", "--out", str(dense), "--epochs", "2", "--train-subset", "300", "--no-progress"]) == 0
+    assert cli.main(["prune", str(dense / "checkpoint.h5"), "--out", str(pruned), "--rounds", "2", "--epochs", "0",
+                     "--criterion", "percentile", "--amount", "0.5", "--no-progress"]) == 0
+    capsys.readouterr()
+    for run_dir, what in ((dense, "dense training run, finished (2 epochs)"),
+                          (pruned, "pruning run, finished (2 rounds)")):
+        assert cli.main(["eval", str(run_dir / "checkpoint.h5")]) == 0
+        assert f"lenet-300-100, {what}  test error" in capsys.readouterr().out
+    assert cli.main(["eval", str(pruned / "checkpoint.h5"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"] == "pruning run, finished (2 rounds)"

@@ -313,6 +313,38 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_pruned_weights_zero(dense
     P.check_masks(ck.net)
 
 
+@pytest.mark.mnist
+def test_the_step_policy_steps_at_epoch_boundaries_of_a_subset(tmp_path):
+    """step_epochs counts epochs of the data the run reads: 200 images at batch 64 are 4 batches an epoch, so
+    the lr drops after iterations 4 and 8 (a log record's lr is the one the next epoch starts with)."""
+    log = train(tmp_path / "run", TrainConfig(epochs=2, train_subset=200, step_epochs=1), progress=False)
+    assert [r["iteration"] for r in log] == [4, 8]
+    assert [r["lr"] for r in log] == pytest.approx([0.005, 0.0005])
+
+
+@pytest.mark.mnist
+def test_an_amount_that_would_empty_a_layer_is_refused_up_front_or_at_its_round(dense, tmp_path):
+    """Round 1's q is checked on the network before anything is written; a later round's q depends on the
+    weights the earlier rounds leave, so its prune refuses it, naming the round, with rounds before it saved."""
+    fc3 = load_checkpoint(dense).net.params()["fc3.W"]
+    w0 = fc3.data.ravel()
+    w1 = w0[P.quality_mask(fc3.data, fc3.mask, 1.0).ravel() == 1]  # the survivors of q = 1
+    lim0, lim1 = (numpy.abs(w).max() / w.std() for w in (w0, w1))  # the largest q that keeps one
+    assert lim1 < lim0
+    rounds = [{"criterion": "quality", "amount": {"fc3": q}} for q in (1.0, float(lim0 + lim1) / 2)]
+    with pytest.raises(SparsenetError, match="prunes every weight of fc3") as e:
+        prune_run(dense, tmp_path / "a", Schedule.from_dict({"rounds": [
+            {"criterion": "quality", "amount": {"fc3": 1.01 * float(lim0)}}, rounds[0]]}), progress=False)
+    assert not (tmp_path / "a").exists() and "\n" not in str(e.value)
+    sched = Schedule.from_dict({"retrain": {"epochs": 0, "remove_neurons": False}, "rounds": rounds})
+    with pytest.raises(SparsenetError, match="round 2: quality amount .* prunes every weight of fc3") as e:
+        prune_run(dense, tmp_path / "b", sched, progress=False)
+    assert str(tmp_path / "b" / "checkpoint.h5") in str(e.value)
+    ck = load_checkpoint(tmp_path / "b" / "checkpoint.h5")
+    assert (ck.config["run"]["round"], ck.config["run"]["stage"]) == (1, "prune")
+    assert ck.net.params()["fc3.W"].nonzero() == w1.size
+
+
 def test_a_failed_prune_command_leaves_no_files(tmp_path, capsys):
     from sparsenet.checkpoint import save_checkpoint
     from sparsenet.model import build_model

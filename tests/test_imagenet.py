@@ -287,7 +287,8 @@ def remove(path):
 
 
 LAYOUT_ERRORS = [  # (val layout, what to break, split, message)
-    ("folders", lambda r: None, "test", "split must be train or val"),
+    ("folders", lambda r: None, "valid", "split must be train, val or test"),
+    ("folders", lambda r: None, "test", "no test/ folder"),
     ("folders", lambda r: r.rename(r.with_name("gone")), "train", "no such folder"),
     ("folders", lambda r: [remove(p) for p in sorted((r / "val").rglob("*"), reverse=True)] + [remove(r / "val")],
      "val", "no val/ folder"),
@@ -317,7 +318,7 @@ def test_ill_formed_layouts_are_one_line_errors(tmp_path, val, breakage, split, 
     breakage(root)
     with pytest.raises(SparsenetError, match=message) as e:
         ImageFolder(root, split)
-    assert "\n" not in str(e.value) and (split == "test" or isinstance(e.value, DataError))
+    assert "\n" not in str(e.value) and (split == "valid" or isinstance(e.value, DataError))
 
 
 def test_flat_train_is_an_error(tmp_path):

@@ -232,7 +232,7 @@ def test_training_step_keeps_float32_and_row_major_state(xp, name):
     from sparsenet.optim import SGD
 
     net = build_model(name, xp=xp)
-    opt = SGD.from_settings(net.params(), dataclasses.asdict(TrainConfig(model=name)))
+    opt = SGD.from_settings(net.params(), dataclasses.asdict(TrainConfig(model=name)), batches_per_epoch=1)
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.random((8,) + net.input_shape, dtype=np.float32))
     t = xp.asarray(rng.integers(0, 10, 8))

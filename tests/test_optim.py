@@ -98,3 +98,48 @@ def test_state_dict_round_trip():
     assert other.iteration == 3 and other.current_lr() == opt.current_lr()
     with pytest.raises(SparsenetError):
         other.load_state_dict({"iteration": -1})
+
+
+def test_the_step_policy_in_epochs_follows_the_epoch_length():
+    """step_epochs becomes iterations from the epoch's batches, which train_epoch measures on its data; the
+    defaults keep the iteration counts they had on all of MNIST at batch 64 (938 batches an epoch)."""
+    import dataclasses
+
+    from sparsenet.data import ArraySplit
+    from sparsenet.engine import RETRAIN_DEFAULTS, TrainConfig, train_epoch
+    from sparsenet.model import build_network
+
+    w = {"w": Param(np.ones(2))}
+    assert SGD.from_settings(w, dataclasses.asdict(TrainConfig()), batches_per_epoch=938).step_size() == 6566
+    assert SGD.from_settings(w, RETRAIN_DEFAULTS, batches_per_epoch=938).step_size() == 1876
+    with pytest.raises(SparsenetError, match="epoch's length"):
+        SGD(w, lr_policy="step", step_epochs=2).current_lr()
+    net = build_network({"name": "mlp", "input_shape": [4], "layers": [
+        {"kind": "linear", "name": "fc1", "n_in": 4, "n_out": 3}]}, seed=0)
+    rng = np.random.default_rng(0)
+    data = ArraySplit(rng.random((200, 4), dtype=np.float32), rng.integers(0, 3, 200))  # 4 batches of 64
+    opt = SGD(net.params(), lr=0.1, lr_policy="step", step_epochs=1.5)
+    lrs = []
+    for _ in range(3):
+        train_epoch(net, opt, data, 64, rng)
+        lrs.append(opt.current_lr())
+    assert opt.batches_per_epoch == 4 and opt.step_size() == 6
+    assert lrs == pytest.approx([0.1, 0.01, 0.001])  # iterations 4, 8, 12: steps at 6 and 12
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(step_size=100, step_epochs=2), "not both"), (dict(step_epochs=0), "step_epochs must be"),
+    (dict(), "needs step_epochs or step_size")])
+def test_the_step_policy_takes_one_length(settings, message):
+    with pytest.raises(SparsenetError, match=message):
+        SGD({"w": Param(np.ones(2))}, lr_policy="step", **settings)
+
+
+def test_configs_in_iterations_still_load():
+    """Configs and schedules written before step_epochs give step_size, which then replaces the default."""
+    from sparsenet.engine import Schedule, TrainConfig
+
+    assert TrainConfig.from_dict({"step_size": 6566}).step_epochs is None
+    assert TrainConfig().step_epochs == 7 and TrainConfig(step_size=10).step_epochs is None
+    old = Schedule.from_dict({"retrain": {"step_size": 1876}, "rounds": [{}, {"step_epochs": 3}]}).rounds
+    assert [(r["step_size"], r["step_epochs"]) for r in old] == [(1876, None), (None, 3)]

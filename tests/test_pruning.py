@@ -1,5 +1,6 @@
 """Pruning: criteria, the mask invariants, §3.2 dropout adjustment, §3.3 freezing, §3.5 neurons."""
 import math
+import re
 
 import numpy
 import pytest
@@ -93,7 +94,7 @@ def test_percentile_ties_keep_the_first_positions():
     numpy.testing.assert_array_equal(new, [[1, 1, 1], [0, 0, 0]])
 
 
-@given(st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+@given(st.integers(0, 2**31 - 1), st.floats(0.0, 0.99))  # MLP: 103 weights, 0.99 keeps one
 @settings(max_examples=30, deadline=None)
 def test_global_uses_one_threshold_across_layers(seed, target):
     net = build_network(MLP, seed=seed % 1000)
@@ -166,6 +167,64 @@ def test_prune_zeroes_weights_and_momentum_and_keeps_survivors(xp):
         numpy.testing.assert_array_equal(asnumpy(p.data)[keep], before_w[n][keep])  # survivors untouched
         numpy.testing.assert_array_equal(asnumpy(p.state["momentum"])[keep], before_v[n][keep])
         assert numpy.all(asnumpy(p.state["momentum"])[~keep] == 0)
+
+
+def _refused(net, criterion, amount):
+    """The message of a prune that ``prune`` refuses; the refusal leaves every parameter as it was."""
+    before = {n: (asnumpy(p.data).copy(), asnumpy(p.mask).copy()) for n, p in net.params().items()}
+    with pytest.raises(SparsenetError) as e:
+        P.prune(net, criterion, amount)
+    for n, p in net.params().items():
+        assert numpy.array_equal(asnumpy(p.data), before[n][0]) and numpy.array_equal(asnumpy(p.mask), before[n][1])
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def _suggested(message):
+    return float(re.search(r"the largest that keeps one(?: in every layer)? is ([0-9.]+)", message).group(1))
+
+
+@given(st.integers(0, 1000), st.booleans())
+@settings(max_examples=20, deadline=None)
+def test_a_quality_that_prunes_a_whole_layer_is_refused_with_the_largest_that_does_not(seed, per_layer):
+    """q above max|w|/std of a layer's survivors prunes all of it: refused, naming the largest q that keeps a
+    weight (in every layer, for one q for all), which then prunes and keeps one; nothing changes on refusal."""
+    net = build_network(MLP, seed=seed)
+    P.prune(net, "percentile", {"fc1": 0.5})  # survivors, not the whole layer, count
+    limit = {n: float(numpy.abs(w := asnumpy(p.data)[asnumpy(p.mask) == 1]).max() / w.std())
+             for n, p in net.params().items() if p.prunable}
+    amount = {"fc2": 1.01 * limit["fc2.W"], "default": 0.0} if per_layer else 10.0
+    message = _refused(net, "quality", amount)
+    assert "prunes every weight of" in message and "quality amount" in message
+    best = _suggested(message)
+    want = limit["fc2.W"] if per_layer else min(limit.values())
+    assert want - 1e-4 <= best <= want
+    P.prune(net, "quality", {"fc2": best, "default": 0.0} if per_layer else best)
+    assert all(p.nonzero() >= 1 for p in net.params().values())
+
+
+@pytest.mark.parametrize("criterion, amount, layer", [
+    ("percentile", 1.0, "fc3"), ("percentile", {"fc1": 0.99, "default": 0.5}, "fc1"), ("global", 1.0, None)])
+def test_a_fraction_that_prunes_everything_is_refused(criterion, amount, layer):
+    """Percentile targets are fractions of the original layer, global of all prunable weights: one that
+    rounds to nothing kept is refused with the largest that keeps a weight."""
+    net = build_network(MLP)
+    message = _refused(net, criterion, amount)
+    size = {"fc1": 48, "fc3": 15, None: 103}[layer]  # fc3 the smallest layer: one number must suit it
+    assert _suggested(message) == math.floor(1e4 * (1 - 1 / size)) / 1e4, message
+    P.prune(net, criterion, _suggested(message) if layer != "fc1" else {"fc1": _suggested(message)})
+    assert sum(p.nonzero() for p in net.params().values() if p.prunable) >= 1
+
+
+def test_later_rounds_are_checked_for_what_the_weights_do_not_decide():
+    """Before earlier rounds have pruned, only fractions can be checked; a q is checked on the net it prunes."""
+    net = build_network(MLP)
+    assert P.check_amount(net, "quality", 100.0, current=False) == dict.fromkeys(["fc1.W", "fc2.W", "fc3.W"], 100.0)
+    with pytest.raises(SparsenetError, match="prunes every weight"):
+        P.check_amount(net, "quality", 100.0)
+    with pytest.raises(SparsenetError, match="prunes every weight of fc1, fc2, fc3; the largest that keeps one in "
+                                             "every layer is 0.9333"):  # fc3: 15 weights
+        P.check_amount(net, "percentile", 0.99, current=False)
 
 
 def test_a_survivor_at_exactly_zero_stays_a_survivor():
@@ -260,11 +319,17 @@ def test_neuron_removal_keeps_outputs_and_leaves_no_dead_unit(spec, seed, densit
     assert build_network(net.spec()).spec() == net.spec()  # the shrunk network rebuilds
 
 
+def _cut(p, index):
+    """Prune ``p[index]`` through Param (its value and state zeroed with the mask)."""
+    keep = numpy.ones(p.data.shape)
+    keep[index] = 0
+    p.prune(keep)
+
+
 def test_neuron_removal_folds_constant_units_into_the_next_bias():
     net = build_network(MLP)
     p = net.params()
-    p["fc1.W"].mask[2] = 0  # unit 2 of fc1 loses all inputs: emits relu(b2)
-    p["fc1.W"].data[2] = 0
+    _cut(p["fc1.W"], 2)  # unit 2 of fc1 loses all inputs: emits relu(b2)
     p["fc1.b"].data[2] = 0.7
     x = numpy.random.default_rng(0).random((3, 6), dtype=numpy.float32)
     y0 = net.forward(x)
@@ -279,8 +344,7 @@ def test_neuron_removal_folds_constant_units_into_the_next_bias():
 def test_constant_unit_before_padded_conv_is_kept():
     net = build_network(conv_spec(pad2=1))
     p = net.params()
-    p["conv1.W"].mask[1] = 0
-    p["conv1.W"].data[1] = 0
+    _cut(p["conv1.W"], 1)
     p["conv1.b"].data[1] = 0.5  # relu(0.5) ≠ 0, and conv2 pads with zeros: not a constant there
     assert "conv1" not in P.remove_dead_neurons(net)
     p["conv1.b"].data[1] = -0.5  # relu(−0.5) = 0: the unit is silent and goes
@@ -291,8 +355,7 @@ def test_every_layer_keeps_one_unit():
     net = build_network(MLP)
     for p in net.params().values():
         if p.prunable:
-            p.mask[...] = 0
-            p.data[...] = 0
+            p.prune(numpy.zeros(p.data.shape))
     x = numpy.ones((2, 6), dtype=numpy.float32)
     y0 = net.forward(x)
     P.remove_dead_neurons(net)
@@ -303,8 +366,7 @@ def test_every_layer_keeps_one_unit():
 def test_lenet5_removal_through_flatten():
     net = _random_pruned(build_model("lenet-5").spec(), 3, 0.02)
     fc1 = net.params()["fc1.W"]
-    fc1.mask[:, 7::50] = 0  # conv2's channel 7 feeds columns 7, 57, 107, … (NHWC flatten)
-    fc1.data *= fc1.mask
+    _cut(fc1, (slice(None), slice(7, None, 50)))  # conv2's channel 7 feeds columns 7, 57, 107, … (NHWC flatten)
     x = numpy.random.default_rng(0).random((2, 28, 28, 1), dtype=numpy.float32)
     y0 = net.forward(x)
     removed = P.remove_dead_neurons(net)

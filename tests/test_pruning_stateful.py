@@ -19,6 +19,7 @@ from sparsenet import pruning as P
 from sparsenet.checkpoint import load_checkpoint, save_checkpoint
 from sparsenet.model import build_network
 from sparsenet.optim import SGD
+from sparsenet.util import SparsenetError
 
 from test_pruning import MLP, conv_spec
 
@@ -51,6 +52,20 @@ class NetMachine(RuleBasedStateMachine):
 
     def teardown(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def prune_or_refuse(self, criterion, amount):
+        """Prune; survivors keep their values. An amount that would empty a layer is refused and changes nothing."""
+        before = {n: (p.data.copy(), p.mask.copy()) for n, p in self.net.params().items()}
+        try:
+            P.prune(self.net, criterion, amount)
+        except SparsenetError as e:
+            assert "prunes every weight of" in str(e)
+            assert all(numpy.array_equal(p.data, before[n][0]) and numpy.array_equal(p.mask, before[n][1])
+                       for n, p in self.net.params().items())
+            return
+        for n, p in self.net.params().items():
+            keep = p.mask == 1
+            assert numpy.array_equal(p.data[keep], before[n][0][keep])
 
     def _alive(self):
         return {n: set(p.state["ids"][p.mask == 1].astype(numpy.int64).tolist()) for n, p in self.net.params().items()}
@@ -95,12 +110,7 @@ class PruningMachine(NetMachine):
 
     @rule(data=st.data(), criterion=st.sampled_from(P.CRITERIA))
     def prune(self, data, criterion):
-        amount = data.draw(_amounts(criterion))
-        before = {n: p.data.copy() for n, p in self.net.params().items()}
-        P.prune(self.net, criterion, amount)
-        for n, p in self.net.params().items():
-            keep = p.mask == 1
-            assert numpy.array_equal(p.data[keep], before[n][keep])
+        self.prune_or_refuse(criterion, data.draw(_amounts(criterion)))
 
     @rule()
     def save_and_load(self):

@@ -23,6 +23,9 @@ def test_the_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(blocks[0], "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "test error" in out and "fewer parameters" in out
+    shown = re.search(r"```python\n.*?```\n\n[^\n]*prints[^\n]*\n\n```text\n(.*?)```", README.read_text(), re.S)
+    words = lambda text: [re.findall(r"[A-Za-z]{3,}", line) for line in text.strip().splitlines()]
+    assert shown and words(out) == words(shown.group(1)), out  # the output the README shows, numbers aside
     assert (tmp_path / "runs" / "demo" / "lenet.h5").is_file()
 
 

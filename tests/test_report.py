@@ -39,7 +39,7 @@ def rows(rep):
 
 
 def snapshot(net):
-    return {k: (id(p.data), id(p.mask), asnumpy(p.data).tobytes(), asnumpy(p.mask).tobytes())
+    return {k: (id(p.data), id(p._mask), asnumpy(p.data).tobytes(), asnumpy(p.mask).tobytes())
             for k, p in net.params().items()}
 
 
@@ -60,10 +60,12 @@ def test_mlp_by_hand(xp):
     assert (r["fc2"]["act_nonzero"], r["fc2"]["act_entries"], r["fc2"]["act"]) == (5, 6, 5 / 6)
     assert rep["error"] == 1 / 3
     # fc1 sees the image as dense: 4 survivors x 3 samples of 6 x 3, although x has zeros.
-    assert (r["fc1"]["macs_left"], r["fc1"]["flop_left"], r["fc1"]["weights_left"]) == (12, 12 / 18, 4 / 6)
+    assert (r["fc1"]["macs_left"], r["fc1"]["flop_left"], r["fc1"]["weights_left"]) == (12 / 3, 12 / 18, 4 / 6)
     # fc2: unit 0 of fc1 non-zero in samples 1, 3 (1 surviving weight reads it), unit 1 in
-    # samples 2, 3 (2 surviving weights): 2*1 + 2*2 = 6 of 4 x 3.
-    assert (r["fc2"]["macs_left"], r["fc2"]["flop_left"], r["fc2"]["weights_left"]) == (6, 6 / 12, 3 / 4)
+    # samples 2, 3 (2 surviving weights): 2*1 + 2*2 = 6 of 4 x 3 (per image: 2 of fc2's 4 MACs).
+    assert (r["fc2"]["macs"], r["fc2"]["macs_left"], r["fc2"]["flop_left"], r["fc2"]["weights_left"]) == \
+           (4, 6 / 3, 6 / 12, 3 / 4)
+    assert r["total"]["macs_left"] == (12 + 6) / 3
     assert (r["fc1"]["weights"], r["fc1"]["flop"], r["fc2"]["flop"]) == (6, 12, 8)
     t = r["total"]
     assert (t["weights"], t["flop"], t["act"], t["weights_left"], t["flop_left"]) == (10, 20, 9 / 12, 7 / 10, 18 / 30)
@@ -94,12 +96,12 @@ def test_conv_by_hand(xp):
     #   filter 0 all 1 -> 4 non-zero, filter 1 all 0. conv act = (2+4+4+0) / (2 x 8).
     assert (r["conv1"]["act_nonzero"], r["conv1"]["act_entries"]) == (10, 16)
     # Dense image: 3 surviving taps x 9 positions x 2 samples of 36 MACs x 2 filters... = 54 / 144.
-    assert (r["conv1"]["macs"], r["conv1"]["macs_left"], r["conv1"]["flop_left"]) == (72, 54, 54 / 144)
+    assert (r["conv1"]["macs"], r["conv1"]["macs_left"], r["conv1"]["flop_left"]) == (72, 54 / 2, 54 / 144)
     assert r["conv1"]["weights_left"] == 3 / 8
     # fc1 input (NHWC flatten): A [1,2,0,2,0,2,2,2], B [1,0,1,0,1,0,1,0]. Row 0 reads columns
     # 0,2,4,6: A 2 non-zero, B 4; row 1 reads 0,1,7: A 3, B 1 -> 10 of 16 x 2.
     # Logits A [3, 5-1], B [4, 1-1]: 3 of 4 non-zero; predictions 1, 0 -> error 1/2.
-    assert (r["fc1"]["macs_left"], r["fc1"]["flop_left"], r["fc1"]["act"]) == (10, 10 / 32, 3 / 4)
+    assert (r["fc1"]["macs_left"], r["fc1"]["flop_left"], r["fc1"]["act"]) == (10 / 2, 10 / 32, 3 / 4)
     t = r["total"]
     assert (t["weights"], t["flop"], t["act"], t["weights_left"], t["flop_left"]) == (24, 176, 13 / 20, 10 / 24, 64 / 176)
     assert (rep["params"], rep["nonzero_params"], rep["error"]) == (28, 14, 0.5)
@@ -112,7 +114,7 @@ def test_padding_counts_as_zero_input(xp):
     r = rows(R.layer_report(net, x))
     # Output 5x5; a tap (i, j) reads a real pixel at 4 of 5 rows and 4 of 5 columns:
     # 3 taps x 16 positions x 2 samples = 96 of (25 positions x 4 taps x 2 filters = 200) x 2.
-    assert (r["conv1"]["macs"], r["conv1"]["macs_left"], r["conv1"]["flop_left"]) == (200, 96, 0.24)
+    assert (r["conv1"]["macs"], r["conv1"]["macs_left"], r["conv1"]["flop_left"]) == (200, 96 / 2, 0.24)
 
 
 # ----------------------------------------------------------------------------- brute force
@@ -172,7 +174,7 @@ def test_counts_match_brute_force(xp, data):
     rep = R.layer_report(net, xp.asarray(x.astype(numpy.float32)), batch_size=2)
     expected = brute_force(net, xp.asarray(x.astype(numpy.float32)))
     for r in rep["layers"]:
-        assert r["macs_left"] == expected[r["name"]]["macs_left"]
+        assert r["macs_left"] == expected[r["name"]]["macs_left"] / N  # per image
         assert r["act_nonzero"] == expected[r["name"]]["act"]
 
 

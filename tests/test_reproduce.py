@@ -144,3 +144,27 @@ def test_training_curves_png(tmp_path):
     assert plot_curves({"dense training": dense, "iterative pruning": prune}, tmp_path / "curves.png")
     assert plot_curves(dense, tmp_path / "one.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000 and (tmp_path / "one.png").stat().st_size > 1000
+
+
+def test_training_curves_say_what_their_marks_are(monkeypatch, tmp_path):
+    """One legend names the lines, the post-prune marks and the round boundaries; epochs tick as whole numbers."""
+    pytest.importorskip("matplotlib")
+    import contextlib
+
+    from matplotlib.figure import Figure
+
+    from sparsenet import figures
+
+    drawn = []  # the figure, kept instead of written
+    monkeypatch.setattr(figures, "atomic_path", contextlib.nullcontext)
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    prune = [{"event": "start", "test_error": 0.02}] + [
+        r for k in (1, 2) for r in ({"event": "prune", "round": k, "test_error": 0.03},
+                                    *({"event": "epoch", "round": k, "epoch": e, "loss": 0.1, "test_error": 0.02}
+                                      for e in (1, 2)))]
+    assert plot_curves({"iterative pruning": prune}, tmp_path / "c.png")
+    fig, = drawn
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "training loss", "test error", "round starts: prune", "test error right after the prune"]
+    ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= 5]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
