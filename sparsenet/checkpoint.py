@@ -152,4 +152,8 @@ def load_checkpoint(path, xp=numpy):
             except ValueError as e:
                 raise SparsenetError(f"{path}: the stored run log is not JSON lines ({e})") from None
         epoch = f.attrs.get("epoch", 0)
+        if isinstance(epoch, numpy.ndarray) and epoch.shape == (1,):
+            epoch = epoch[0]
+        if not isinstance(epoch, int | numpy.integer) or epoch < 0:
+            raise SparsenetError(f"{path}: attribute 'epoch' is {epoch!r}, expected a whole number >= 0")
     return Checkpoint(net, config, int(epoch), opt_state, rng_state, log, path)

@@ -480,7 +480,7 @@ def check_run_state(ck, run_dir, expect=None):
     except SparsenetError as e:
         raise bad(f"schedule: {e}") from None
     kind = state.setdefault("kind", run_kind(schedule))
-    if kind not in RUN_KINDS or kind != run_kind(schedule):
+    if not isinstance(kind, str) or kind != run_kind(schedule):
         raise bad(f"kind {kind!r} for a schedule of a {RUN_KINDS[run_kind(schedule)]}")
     if state.setdefault("schedule_id", schedule_id(schedule)) != schedule_id(schedule):
         raise bad("the schedule does not match its fingerprint")
