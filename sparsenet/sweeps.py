@@ -424,7 +424,7 @@ def sweep(spec, out=None, *, scheduler=None, serial=False, workers=None, data_di
     result = summarise(spec, [records[j["task"]] for j in jobs])
     result.update(out=str(out), seconds=round(time.perf_counter() - t0, 1), where=where, provenance=_provenance())
     figures = [f for f in (_plot(result, g, out / f"errors-{g['label']}.png") for g in result["groups"]) if f]
-    result["figures"] = figures
+    result["figures"] = [Path(f).name for f in figures]  # beside sweep.json: the folder can move
     write_text_atomic(out / "sweep.json", json.dumps({k: v for k, v in result.items() if k != "out"}, indent=1)
                       + "\n")
     write_text_atomic(out / "report.md", format_report(result))
@@ -744,7 +744,7 @@ def _plot(result, g, path):
             line, = ax.plot(x, [100 * r["mean"] for r in rs], marker="o", ms=3, ls="-" if i < 10 else "--", label=m)
             band = [r for r in rs if r["ci"] is not None]
             if band:
-                ax.fill_between([r["density"] for r in band], [100 * r["ci"][0] for r in band],
+                ax.fill_between([r["density"] for r in band], [max(100 * r["ci"][0], 1e-3) for r in band],
                                 [100 * r["ci"][1] for r in band], color=line.get_color(), alpha=0.2, lw=0)
         d = g["dense"]
         if d["mean"] is not None:
@@ -756,9 +756,15 @@ def _plot(result, g, path):
         ax.set_xticks(ticks, [f"{100 * t:g}%" for t in ticks], minor=False)
         ax.set_xticks([], minor=True)
         ax.invert_xaxis()
-        means = [100 * r["mean"] for r in g["rows"] if r["mean"] is not None] + [100 * (d["mean"] or 0)]
-        ax.set_ylim(0, min(100, 1.3 * max(means)) or 1)  # bands of few seeds can be wide: the means stay in view
-        ax.set(xlabel="kept fraction of the prunable weights (log scale)", ylabel="test error (%)",
+        means = [100 * r["mean"] for r in g["rows"] if r["mean"]] + ([100 * d["mean"]] if d["mean"] else [])
+        if means:  # log scale: errors near the dense one and collapsed ones (tens of %) both readable
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_yscale("log")
+            ax.set_ylim(0.8 * min(means), min(100, 1.5 * max(means)))  # bands of few seeds can be wide
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "235" else ""))
+        ax.set(xlabel="kept fraction of the prunable weights (log scale)", ylabel="test error (%, log scale)",
                title=f"{g['label']}: mean over {len(result['spec']['seeds'])} seeds, 95% bands")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
