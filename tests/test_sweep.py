@@ -270,14 +270,16 @@ def external_scheduler(tmp_path):
     try:
         procs.append(subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
                                        "--no-dashboard", "--scheduler-file", str(file)], **common))
-        deadline = time.monotonic() + 60
-        while not file.is_file() and time.monotonic() < deadline:
+        deadline, address = time.monotonic() + 90, None
+        while address is None and time.monotonic() < deadline:  # the scheduler writes the file in pieces
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                address = json.loads(file.read_text())["address"]
             time.sleep(0.1)
-        address = json.loads(file.read_text())["address"]
+        assert address, "dask scheduler did not start within 90 s"
         procs.append(subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1",
                                        "--nworkers", "1", "--no-dashboard"], **common))
-        with Client(address, timeout=30, set_as_default=False) as c:
-            c.wait_for_workers(1, timeout=60)
+        with Client(address, timeout=90, set_as_default=False) as c:  # slow starts on a loaded machine
+            c.wait_for_workers(1, timeout=120)
         yield address
     finally:
         for p in reversed(procs):
