@@ -386,17 +386,13 @@ def sweep(spec, out=None, *, scheduler=None, serial=False, workers=None, data_di
     out = Path(out if out is not None else Path("runs") / spec["name"]).absolute()
     _check_out(out, spec)
     jobs = plan(spec)
-    records, todo = {}, []
     for job in jobs:
         job.update(dir=str(out / "tasks" / job["task"]), sources=[str(out / "tasks" / d) for d in job["deps"]],
                    study={k: spec[k] for k in SETTINGS_KEYS},
                    data_dir=None if data_dir is None else str(Path(data_dir).expanduser().absolute()),
                    device=device, threads=1)
-        done = _finished(job)
-        if done:
-            records[job["task"]] = done
-        else:
-            todo.append(job)
+    records = _finished(jobs)
+    todo = [job for job in jobs if job["task"] not in records]
     t0 = time.perf_counter()
     say = (lambda text: print(f"sweep: {text}", file=sys.stderr)) if progress else (lambda text: None)
     client, cluster, where = (None, None, "serial" if todo else "nothing to run") if serial or not todo else \
@@ -451,14 +447,27 @@ def _check_out(out, spec):
         raise SparsenetError(f"{out} exists and is not a sweep folder (no spec.json); use another --out")
 
 
-def _finished(job):
-    """The stored record of a task finished earlier (its result.json beside its checkpoint), else None."""
-    d = Path(job["dir"])
-    try:
-        rec = json.loads((d / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if rec.get("status") == "ok" and (d / "checkpoint.h5").is_file() else None
+def _finished(jobs):
+    """``{task: record}`` of the tasks finished earlier: an ``ok`` ``result.json`` in the task's folder. A
+    finished task whose checkpoint is gone (a study committed with its results but not its run folders)
+    counts as finished unless a task still to run starts from it: then it runs again, bit-identically, so a
+    study can be finished in pieces."""
+    records = {}
+    for job in jobs:
+        try:
+            rec = json.loads((Path(job["dir"]) / "result.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "ok":
+            records[job["task"]] = rec
+    by_task = {job["task"]: job for job in jobs}
+    while True:  # the sources of unfinished tasks need their checkpoints (a source of a source too)
+        needed = {d for job in jobs if job["task"] not in records for d in job["deps"]}
+        gone = [t for t in needed if t in records and not (Path(by_task[t]["dir"]) / "checkpoint.h5").is_file()]
+        if not gone:
+            return records
+        for t in gone:
+            del records[t]
 
 
 def _connect(scheduler, workers, n_tasks, timeout, say):

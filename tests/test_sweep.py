@@ -381,3 +381,27 @@ def test_an_unreachable_scheduler_is_one_line_and_writes_nothing(tmp_path, capsy
 def test_the_committed_specs_are_valid(path):
     spec = SW.load_spec(path)
     assert spec["name"] and spec["description"] and len(SW.plan(spec)) >= 14
+
+
+@pytest.mark.mnist
+def test_a_study_kept_as_its_results_only_is_finished_in_pieces(reference, tmp_path):
+    """What a repository keeps of a study (spec.json and each task's result.json, no run folders) reruns to
+    nothing; with one result missing, that task runs again from its dense source, which is retrained
+    (its checkpoint is gone) to the same numbers."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(reference[0], out, ignore=lambda d, names: [n for n in names if n != "result.json"
+                                                                  and not (Path(d) / n).is_dir()
+                                                                  and n != "spec.json"])
+    assert not list(out.rglob("checkpoint.h5")) and len(list(out.rglob("result.json"))) == 6
+    result = sparsenet.sweep(SPEC, out, serial=True, progress=False)
+    assert result["where"] == "nothing to run" and _records(result) == _records(reference[1])
+    leaf = out / "tasks" / next(r["task"] for r in reference[1]["tasks"] if r["method"] == "rewind")
+    (leaf / "result.json").unlink()
+    result = sparsenet.sweep(SPEC, out, serial=True, progress=False)
+    assert _records(result) == _records(reference[1])
+    ran = {p.parent.relative_to(out / "tasks").as_posix() for p in out.rglob("checkpoint.h5")}
+    rewind = leaf.relative_to(out / "tasks").as_posix()
+    assert ran == {rewind, rewind.rsplit("/", 1)[0] + "/dense", rewind.replace("rewind", "han")}, ran
+    assert all(_logs(out)[t] == _logs(reference[0])[t] for t in ran)
