@@ -16,6 +16,16 @@ from .util import SparsenetError
 MODEL_FORMS = f"{', '.join(MODELS)}, or a network description FILE.json|FILE.toml (docs/networks.md)"
 
 
+def _add_engine(p, default):
+    """Where the tasks of a sweep, a sensitivity grid or the seeds of a reproduction run (docs/sweeps.md)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                                           f"(default: $SPARSENET_SCHEDULER, else {default})")
+    where.add_argument("--serial", action="store_true", help="run the tasks one by one in this process")
+    p.add_argument("--workers", type=int, help="worker processes of an embedded Dask cluster (default: one per core)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --scheduler (default 10)")
+
+
 def _add_common(p, json=True, data=True):
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="array backend (default: $SPARSENET_DEVICE, else cpu)")
@@ -145,6 +155,8 @@ def build_parser():
     p.add_argument("--layers", help="comma-separated layers (default: every prunable layer)")
     p.add_argument("--out", help="folder for sensitivity.json/.md/.png (default: the checkpoint's folder)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier sensitivity sweep there")
+    _add_engine(p, "this process; --workers N: an embedded Dask cluster")
+    p.add_argument("--no-progress", action="store_true")
     _add_common(p)
 
     p = sub.add_parser("reproduce", help="rerun one of the paper's experiments end to end",
@@ -159,6 +171,9 @@ def build_parser():
     p.add_argument("--imagenet", help="AlexNet/VGG-16: the ILSVRC-2012 folder (train/, val/); same as --data-dir")
     p.add_argument("--prune-only", action="store_true",
                    help="AlexNet/VGG-16: apply the plan's pruning without data or retraining (counts and sizes)")
+    p.add_argument("--seeds", help="LeNets: rerun over seeds, N (0..N-1) or a list 0,3,7, one task per seed on Dask "
+                                   "(docs/sweeps.md); results as mean ± sd with 95%% intervals in runs/EXPERIMENT-seeds")
+    _add_engine(p, "an embedded cluster; with --seeds")
     p.add_argument("--no-progress", action="store_true")
     _add_common(p, json=False)
 
@@ -225,12 +240,7 @@ def build_parser():
                                    "resumes interrupted ones.")
     p.add_argument("spec", help="the study: a .json or .toml file (docs/sweeps.md)")
     p.add_argument("--out", help="sweep folder (default runs/NAME)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786 "
-                                           "(default: $SPARSENET_SCHEDULER, else an embedded cluster)")
-    where.add_argument("--serial", action="store_true", help="run the tasks one by one in this process")
-    p.add_argument("--workers", type=int, help="worker processes of the embedded cluster (default: one per core)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --scheduler (default 10)")
+    _add_engine(p, "an embedded cluster")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="array backend of every task (default: $SPARSENET_DEVICE, else cpu)")
@@ -375,7 +385,9 @@ def cmd_sensitivity(a):
         raise SparsenetError(f"--ratios {a.ratios!r}: expected comma-separated numbers in [0, 1]") from None
     layers = [n.strip() for n in a.layers.split(",") if n.strip()] if a.layers else None
     _refuse_overwrite(a, "sensitivity.json", "sensitivity.md", "sensitivity.png")
-    res = sensitivity_checkpoint(a.checkpoint, a.out, ratios, layers, a.data_dir, a.device)
+    res = sensitivity_checkpoint(a.checkpoint, a.out, ratios, layers, a.data_dir, a.device, scheduler=a.scheduler,
+                                 serial=a.serial or None, workers=a.workers, progress=not (a.json or a.no_progress),
+                                 timeout=a.connect_timeout, threads=a.threads or 1)
     print(json.dumps(res) if a.json else f"{format_sensitivity(res)}\nwritten: {', '.join(res['files'])}")
 
 
@@ -384,6 +396,13 @@ def cmd_reproduce(a):
 
     if a.imagenet and a.data_dir and a.imagenet != a.data_dir:
         raise SparsenetError("give the ImageNet folder once: --imagenet or --data-dir")
+    if a.seeds is not None:
+        _reproduce_seeds(a)
+        return
+    engine = [f"--{k.replace('_', '-')}" for k in ("scheduler", "serial", "workers", "connect_timeout")
+              if k in getattr(a, "given", ())]
+    if engine:
+        raise SparsenetError(f"{', '.join(engine)}: these run the seeds of --seeds on Dask; give --seeds N")
     m = reproduce(a.experiment, a.out, a.imagenet or a.data_dir, a.device, progress=not a.no_progress,
                   weights=a.weights, prune_only=a.prune_only)
     pr, err = m["pruned"], (lambda e: "-" if e is None else f"{100 * e:.2f}%")
@@ -519,6 +538,29 @@ def cmd_predict(a):
                      if k in r["layers"].values())
     print(f"{a.model}: test error {100 * error:.2f}% on {len(test):,} images in {r['seconds']:.2f} s "
           f"(layers run {plan or 'none'})")
+
+
+def _reproduce_seeds(a):
+    from .reproduce import reproduce_seeds
+
+    if a.weights or a.prune_only:
+        raise SparsenetError("--seeds reruns the experiments that train their network: no --weights or --prune-only")
+    text = a.seeds.strip()
+    try:
+        seeds = [int(x) for x in text.split(",")] if "," in text else int(text)
+    except ValueError:
+        raise SparsenetError(f"--seeds {a.seeds!r}: expected a count N or comma-separated seeds (0,3,7)") from None
+    r = reproduce_seeds(a.experiment, seeds, a.out, scheduler=a.scheduler, serial=a.serial, workers=a.workers,
+                        data_dir=a.imagenet or a.data_dir, device=a.device, progress=not a.no_progress,
+                        timeout=a.connect_timeout)
+    ms = (lambda s: "-" if s["mean"] is None else f"{100 * s['mean']:.2f}%" + (
+        "" if s["sd"] is None else f" ± {100 * s['sd']:.2f}"))
+    failed = sum(t["status"] != "ok" for t in r["tasks"])
+    print(f"{r['experiment']} over {r['pruned_error']['n']} seeds: dense {ms(r['dense_error'])} -> pruned "
+          f"{ms(r['pruned_error'])}, {r['compression']['mean'] or 0:.1f}x; report: {r['results_dir']}/report.md"
+          + (f" ({failed} seeds failed; a rerun retries them)" if failed else ""))
+    if failed:
+        raise SparsenetError(f"{failed} of {len(r['tasks'])} seeds failed: {next(t['reason'] for t in r['tasks'] if t['status'] != 'ok')}")
 
 
 def cmd_sweep(a):

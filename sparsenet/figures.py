@@ -22,17 +22,33 @@ def _plot(path, figsize, draw, dpi=120):
 
 
 def plot_sensitivity(result, path):
-    """Fig. 6: test error against the fraction of one layer's weights pruned (:func:`sparsenet.report.sensitivity`)."""
+    """Fig. 6: test error against the fraction of one layer's weights pruned (:func:`sparsenet.report.sensitivity`).
+    Over seeds (:func:`sparsenet.reproduce.reproduce_seeds`) the errors are means, and ``result["ci"]``
+    (``{layer: [[low, high] or None per ratio]}``, ``"baseline"`` too) draws their 95% bands."""
+    ci = result.get("ci") or {}
+
     def draw(fig):
         ax = fig.add_subplot()
         for name, errors in result["layers"].items():
-            ax.plot(result["ratios"], [100 * e for e in errors], marker="o", ms=3, label=name)
+            line, = ax.plot(result["ratios"], [100 * e for e in errors], marker="o", ms=3, label=name)
+            _band(ax, result["ratios"], ci.get(name), line.get_color())
         ax.axhline(100 * result["baseline"], color="gray", ls="--", lw=1, label="unpruned")
+        if ci.get("baseline"):
+            ax.axhspan(100 * ci["baseline"][0], 100 * ci["baseline"][1], color="gray", alpha=0.15, lw=0)
         ax.set(xlabel="fraction of the layer's parameters pruned", ylabel="test error (%)",
-               title=f"{result.get('model') or 'network'}: one layer pruned, no retraining")
+               title=f"{result.get('model') or 'network'}: one layer pruned, no retraining" + (
+                   f"\nmean over {result['seeds']} seeds, 95% bands" if result.get("seeds") else ""))
         ax.grid(alpha=0.3)
         ax.legend()
     return _plot(path, (6, 4), draw)
+
+
+def _band(ax, x, ci, color, scale=100):
+    """A 95% band: ``ci`` is ``[low, high]`` (or None) per x, drawn at ``scale`` times (-100: losses as gains)."""
+    pts = [(v, c) for v, c in zip(x, ci or []) if c is not None]
+    if pts:
+        ax.fill_between([v for v, _ in pts], [scale * c[0] for _, c in pts], [scale * c[1] for _, c in pts],
+                        color=color, alpha=0.2, lw=0)
 
 
 def tradeoff_limits(result):
@@ -43,18 +59,22 @@ def tradeoff_limits(result):
 
 
 def plot_tradeoff(result, path):
-    """Fig. 5: accuracy change against weights pruned, per curve of :func:`sparsenet.reproduce.tradeoff`."""
+    """Fig. 5: accuracy change against weights pruned, per curve of :func:`sparsenet.reproduce.tradeoff`. Over
+    seeds the losses are means and each curve's ``ci`` (``[low, high]`` per point) draws its 95% band."""
     lo, hi, low = tradeoff_limits(result)
 
     def draw(fig):
         ax = fig.add_subplot()
         for name, c in result["curves"].items():
+            color = "tab:red" if "iterative" in name else "tab:orange" if "L1" in name else "tab:blue"
             ax.plot([100 * v for v in c["pruned"]], [-100 * v for v in c["loss"]], "--" if "w/o" in name else "-",
-                    color="tab:red" if "iterative" in name else "tab:orange" if "L1" in name else "tab:blue",
-                    marker="o", ms=3, label=name)
+                    color=color, marker="o", ms=3, label=name)
+            if c.get("ci") and "w/o" not in name:  # the curves without retraining leave the frame anyway
+                _band(ax, [100 * v for v in c["pruned"]], c["ci"], color, scale=-100)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set(xlabel="weights pruned away (%)", ylabel="accuracy change (points)", ylim=(lo, hi))
-        ax.set_title(f"Trade-off (dense test error {100 * result['dense_error']:.2f}%)" + (
+        ax.set_title(f"Trade-off (dense test error {100 * result['dense_error']:.2f}%"
+                     + (f", mean over {result['seeds']} seeds, 95% bands)" if result.get("seeds") else ")") + (
             f"\ncurves w/o retraining leave the frame (down to {low:.1f} points)" if low is not None else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

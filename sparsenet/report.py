@@ -20,6 +20,7 @@ nonzero_params`` (with biases). Sensitivity prunes one layer at a time, without 
 """
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy
@@ -32,7 +33,7 @@ from .figures import plot_sensitivity
 from .model import inference_batch
 from .paper import LAYERS
 from .pruning import percentile_mask, prunable_layers
-from .util import SparsenetError, write_text_atomic
+from .util import SparsenetError, whole, write_text_atomic
 
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0, 0.05, ..., 0.95
 
@@ -130,14 +131,7 @@ def _batched(layers, x, batch_size, fn):
 def sensitivity(net, x, t, ratios=DEFAULT_RATIOS, layers=None, batch_size=None):
     """Test error with one layer pruned to each ratio, no retraining (the paper's Fig. 6): each layer
     alone gets ``percentile_mask(W, M, r)`` and is then restored bitwise. ``layers``: {name: [errors]}."""
-    ratios = [float(r) for r in ratios]
-    if not ratios or not all(0.0 <= r <= 1.0 for r in ratios):
-        raise SparsenetError(f"pruning ratios must be numbers in [0, 1], got {ratios}")
-    allowed = prunable_layers(net)
-    layers = list(allowed if layers is None else layers)
-    unknown = [n for n in layers if n not in allowed]
-    if unknown:
-        raise SparsenetError(f"no prunable layer named {', '.join(unknown)} (prunable: {', '.join(allowed)})")
+    ratios, layers = _ratios(ratios), _layers(net, layers)
     if len(x) == 0:
         raise SparsenetError("cannot evaluate on an empty data set")
     batch_size = batch_size or inference_batch(net.input_shape)
@@ -262,11 +256,124 @@ def report_checkpoint(checkpoint, out=None, data_dir=None, device=None):
                           lambda rep: format_markdown(rep, LAYERS.get(rep["model"])))
 
 
-def sensitivity_checkpoint(checkpoint, out=None, ratios=DEFAULT_RATIOS, layers=None, data_dir=None, device=None):
-    """:func:`sensitivity` of a checkpoint; writes ``sensitivity.json``, ``sensitivity.md``
-    and, with matplotlib, ``sensitivity.png`` into ``out`` (default: the checkpoint's folder)."""
-    def compute(net, x, t, out):
-        res, png = sensitivity(net, x, t, ratios, layers), out / "sensitivity.png"
-        return {**res, "files": [str(png)]} if plot_sensitivity(res, png) else res
-    return _on_checkpoint(checkpoint, out, data_dir, device, "sensitivity", compute,
-                          lambda res: format_sensitivity(res, markdown=True))
+def sensitivity_checkpoint(checkpoint, out=None, ratios=DEFAULT_RATIOS, layers=None, data_dir=None, device=None, *,
+                           scheduler=None, serial=None, workers=None, progress=False, timeout=10.0, threads=1):
+    """:func:`sensitivity` of a checkpoint on its whole test split, one task per (layer, ratio) cell of the grid
+    run by the sweep engine (:func:`sparsenet.sweeps.execute`): in this process by default, on an embedded Dask
+    cluster with ``workers``, on an existing one with ``scheduler`` (or ``$SPARSENET_SCHEDULER``). Every cell
+    runs with one BLAS thread, so the numbers are the same wherever it ran. Writes ``sensitivity.json``,
+    ``sensitivity.md`` and, with matplotlib, ``sensitivity.png`` into ``out`` (default: the checkpoint's folder).
+
+    Parameters
+    ----------
+    serial : bool, optional
+        True: this process; None (default): this process unless ``scheduler``, ``workers`` or
+        ``$SPARSENET_SCHEDULER`` ask for Dask.
+    threads : int
+        BLAS threads of every cell (default 1: the same numbers in this process and on any worker).
+    """
+    from . import sweeps
+
+    if serial is None:
+        serial = scheduler is None and workers is None and not os.environ.get("SPARSENET_SCHEDULER")
+    scheduler = sweeps.engine_options(scheduler, serial, workers)
+    checkpoint = Path(checkpoint).absolute()
+    ck = load_checkpoint(checkpoint)  # checked here, before any task: its layers name the grid
+    ratios = _ratios(ratios)
+    layers = _layers(ck.net, layers)
+    out = Path(out) if out is not None else checkpoint.parent
+    where = dict(checkpoint=str(checkpoint), data_dir=None if data_dir is None else str(
+        Path(data_dir).expanduser().absolute()), device=device, threads=whole(threads, "threads", 1), deps=[],
+        weight=1)
+    jobs = [{**where, "task": "baseline", "layer": None, "ratio": 0.0}] + [
+        {**where, "task": f"{n}@{r:g}", "layer": n, "ratio": r} for n in layers for r in ratios]
+    records = {}
+    with sweeps.task_engine(scheduler, serial, workers, len(jobs), timeout, sweeps._say("sensitivity", progress)) \
+            as (client, ran):
+        sweeps.execute(client, jobs, records, sensitivity_cell,
+                       sweeps.Progress(jobs, len(jobs), 0, progress, "sensitivity"))
+    if records["baseline"]["status"] != "ok":  # the checkpoint or its data: every cell fails alike
+        raise SparsenetError(records["baseline"]["reason"])
+    failed = [r for r in records.values() if r["status"] != "ok"]
+    if failed:
+        raise SparsenetError(f"sensitivity: {failed[0]['task']} failed: {failed[0]['reason']}" + (
+            f" (and {len(failed) - 1} more cells)" if len(failed) > 1 else ""))
+    base = records["baseline"]
+    res = {"checkpoint": str(checkpoint), "dataset": ck.config.get("dataset", "mnist"), "model": ck.net.name,
+           "samples": base["samples"], "ratios": ratios, "baseline": base["test_error"], "where": ran,
+           "layers": {n: [base["test_error"] if records[f"{n}@{r:g}"]["test_error"] is None else
+                          records[f"{n}@{r:g}"]["test_error"] for r in ratios] for n in layers}}
+    png = out / "sensitivity.png"
+    res["files"] = [str(out / "sensitivity.json"), str(out / "sensitivity.md")] + (
+        [str(png)] if plot_sensitivity(res, png) else [])
+    write_text_atomic(out / "sensitivity.json", json.dumps(res, indent=2) + "\n")
+    write_text_atomic(out / "sensitivity.md", format_sensitivity(res, markdown=True))
+    return res
+
+
+_CELL_INPUTS = {}  # per process (a Dask worker): the last checkpoint's network and test split
+
+
+def sensitivity_cell(job):
+    """One cell of the sensitivity grid, a task of the sweep engine: the test error on the whole test split of
+    ``job["checkpoint"]`` with layer ``job["layer"]`` pruned to ``job["ratio"]`` (``percentile_mask``, no
+    retraining; restored after), or of the network as it is (layer None). ``test_error`` is None when the ratio
+    prunes nothing more (the network as it is). The network and data are read once per process. Returns a
+    record, never raises (a failure is recorded with its reason)."""
+    from threadpoolctl import threadpool_limits
+
+    from .imagenet import evaluate
+    from .data import ArraySplit, open_splits
+    from .sweeps import failed_record, one_line
+
+    try:
+        with threadpool_limits(job["threads"], user_api="blas"):
+            path, xp = Path(job["checkpoint"]), array_module(job["device"])
+            st = path.stat()
+            key = (str(path), st.st_mtime_ns, st.st_size, job["data_dir"], job["device"])
+            if key not in _CELL_INPUTS:
+                _CELL_INPUTS.clear()
+                ck = load_checkpoint(path, xp)
+                _CELL_INPUTS[key] = ck.net, open_splits(ck.config, ck.net, xp, job["data_dir"], "test")["test"]
+            net, split = _CELL_INPUTS[key]
+            batch = inference_batch(net.input_shape)
+            if len(split) == 0:
+                raise SparsenetError("cannot evaluate on an empty data set")
+            if job["layer"] is not None:
+                p = next(l for l in net.layers if l.name == job["layer"]).params["W"]
+                W0, M = p.data, percentile_mask(p.data, p.mask, job["ratio"])
+                if int(get_array_module(M).count_nonzero(M)) == p.nonzero():
+                    return {**_cell_id(job), "status": "ok", "test_error": None, "samples": len(split)}
+                p.data = W0 * M
+            try:
+                error = net.error(split.x, split.t, batch) if isinstance(split, ArraySplit) else evaluate(
+                    net, split, batch, xp)["top1"]
+            finally:
+                if job["layer"] is not None:
+                    p.data = W0
+        return {**_cell_id(job), "status": "ok", "test_error": error, "samples": len(split)}
+    except Exception as e:  # recorded; the caller reports the first failure in one line
+        return failed_record(job, one_line(e))
+
+
+def _cell_id(job):
+    return {k: job[k] for k in ("task", "layer", "ratio")}
+
+
+def _ratios(ratios):
+    try:
+        ratios = [float(r) for r in ratios]
+    except (TypeError, ValueError):
+        raise SparsenetError(f"pruning ratios must be numbers in [0, 1], got {ratios!r}") from None
+    if not ratios or not all(0.0 <= r <= 1.0 for r in ratios):
+        raise SparsenetError(f"pruning ratios must be numbers in [0, 1], got {ratios}")
+    return ratios
+
+
+def _layers(net, layers):
+    allowed = prunable_layers(net)
+    layers = list(allowed if layers is None else layers)
+    unknown = [n for n in layers if n not in allowed]
+    if unknown:
+        raise SparsenetError(f"no prunable layer named {', '.join(unknown)} (prunable: {', '.join(allowed)})")
+    return layers

@@ -128,13 +128,14 @@ def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True, s
     iterative. ``cfg``: ``ratios``, ``epochs``, ``retrain`` (optimiser settings), ``l1`` and ``l1_epochs`` (L1
     fine-tuning of the dense net first). Runs live in ``work/``; done ones are reused; the time adds to ``seconds``."""
     ratios, epochs, l1_epochs = list(cfg["ratios"]), int(cfg.get("epochs", 2)), int(cfg.get("l1_epochs", 2))
+    seed = whole(cfg.get("seed", 0), "tradeoff.seed", 0)  # the data order of its retraining
     retrain, l1 = dict(cfg.get("retrain", {}), remove_neurons=False), float(cfg.get("l1", 1e-4))
     reg = {"L2": retrain, "L1": {**retrain, "l1": l1, "weight_decay": 0.0}}
     kw = dict(data_dir=data_dir, device=device, progress=progress)
     base = {"L2": dense_ckpt, "L1": work / "l1-base" / "checkpoint.h5"}
 
     def run(name, source, amounts, what, n=epochs):
-        sched = Schedule.from_dict({"retrain": reg[name[:2].upper()], "rounds": [
+        sched = Schedule.from_dict({"seed": seed, "retrain": reg[name[:2].upper()], "rounds": [
             {"criterion": "percentile", "amount": a, "epochs": n} for a in amounts]})
         return (f"{what} in {work / name}", len(amounts) * n + 1,
                 lambda: _resumed(partial(prune_run, source), work / name, sched, **kw), work / name, sched)
@@ -155,10 +156,32 @@ def tradeoff(dense_ckpt, work, cfg, data_dir=None, device=None, progress=True, s
 
 
 # ----------------------------------------------------------------------------- the run
-def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights=None, prune_only=False):
+def with_seed(cfg, seed):
+    """The config with every seed set to ``seed``: the dense network's initial weights and data order
+    (``train.seed``), the pruning rounds' data order (``prune.seed``) and Fig. 5's runs (``tradeoff.seed``)."""
+    seed = whole(seed, "seed", 0)
+    if "pretrained" in cfg:
+        raise SparsenetError(f"{cfg['experiment']} starts from one set of trained weights: seeds are for the "
+                             "experiments that train their network (the LeNets)")
+    cfg = json.loads(json.dumps(cfg))
+    cfg["train"]["seed"] = cfg["prune"]["seed"] = seed
+    if cfg.get("tradeoff"):
+        cfg["tradeoff"]["seed"] = seed
+    return cfg
+
+
+def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights=None, prune_only=False, seed=None):
     """Run (or resume) an experiment; returns its metrics (as in ``metrics.json``, plus ``results_dir``).
-    ImageNet experiments (``pretrained``) start from ``weights`` (:func:`reproduce_pretrained`)."""
+    ImageNet experiments (``pretrained``) start from ``weights`` (:func:`reproduce_pretrained`). ``seed``
+    replaces every seed of the config (:func:`with_seed`); :func:`reproduce_seeds` runs several."""
     cfg, cfg_path = load_config(name)
+    if seed is not None:
+        cfg = with_seed(cfg, seed)
+    return _reproduce(cfg, cfg_path, out, data_dir, device, progress, weights, prune_only)
+
+
+def _reproduce(cfg, cfg_path, out=None, data_dir=None, device=None, progress=True, weights=None, prune_only=False):
+    """:func:`reproduce` of a loaded config (``cfg_path`` only names it in the results)."""
     out = Path(out) if out is not None else Path("runs") / cfg["experiment"]  # never the committed results
     if "pretrained" in cfg:
         return reproduce_pretrained(cfg, cfg_path, out, weights, data_dir, device, progress, prune_only)
@@ -223,6 +246,238 @@ def reproduce(name, out=None, data_dir=None, device=None, progress=True, weights
     if progress:
         print(f"[reproduce] wrote {out / 'report.md'} ({time.time() - t_start:.0f} s this call)", file=sys.stderr)
     return {**metrics, "results_dir": str(out)}  # usable from the current directory; not in metrics.json
+
+
+# ----------------------------------------------------------------------------- over seeds
+def reproduce_seeds(name, seeds, out=None, *, scheduler=None, serial=False, workers=None, data_dir=None, device=None,
+                    progress=True, timeout=10.0):
+    """An experiment rerun over seeds on the sweep engine (:mod:`sparsenet.sweeps`): one task per seed, each an
+    ordinary :func:`reproduce` run (every seed of the config replaced, :func:`with_seed`) in ``OUT/seed-<s>/``
+    with one BLAS thread, on an embedded Dask cluster (default), an existing one (``scheduler``,
+    ``$SPARSENET_SCHEDULER``) or in this process (``serial``): the same numbers wherever a seed ran. A rerun
+    skips finished seeds (their ``result.json``) and resumes interrupted ones.
+
+    Parameters
+    ----------
+    seeds : int or list of int
+        N (seeds 0 … N−1) or the seeds themselves.
+
+    Returns
+    -------
+    dict
+        What ``OUT/seeds.json`` holds (:func:`summarise_seeds`: the headline dense and pruned errors as
+        mean ± sd with 95% intervals, the paired change, per-layer densities, Fig. 5 and Fig. 6 with bands),
+        plus ``results_dir``. ``OUT/report.md`` and the band figures are written beside it.
+    """
+    from . import sweeps
+
+    cfg, cfg_path = load_config(name)
+    seeds = _seed_list(seeds)
+    fingerprints = {s: json.dumps(with_seed(cfg, s), sort_keys=True) for s in seeds}  # refuses ImageNet ones
+    scheduler = sweeps.engine_options(scheduler, serial, workers)
+    out = Path(out if out is not None else Path("runs") / f"{cfg['experiment']}-seeds").absolute()
+    _check_seeds_out(out, cfg)
+    data_dir = None if data_dir is None else str(Path(data_dir).expanduser().absolute())
+    jobs = [{"task": f"seed-{s}", "seed": s, "deps": [], "weight": 1, "dir": str(out / f"seed-{s}"),
+             "cfg": with_seed(cfg, s), "config": str(cfg_path.absolute()), "fingerprint": fingerprints[s],
+             "data_dir": data_dir, "device": device, "threads": 1} for s in seeds]
+    records = {}
+    for job in jobs:
+        rec = _read(Path(job["dir"]) / "result.json") if (Path(job["dir"]) / "result.json").is_file() else None
+        if isinstance(rec, dict) and rec.get("status") == "ok" and rec.get("fingerprint") == job["fingerprint"]:
+            records[job["task"]] = rec
+    todo = [job for job in jobs if job["task"] not in records]
+    say, t0 = sweeps._say("reproduce", progress), time.perf_counter()
+    with sweeps.task_engine(scheduler, serial, workers, len(todo), timeout, say) as (client, where):
+        sweeps.make_folder(out)
+        write_text_atomic(out / "study.json", json.dumps({"experiment": cfg["experiment"], "config": cfg},
+                                                         indent=2) + "\n")
+        say(f"{cfg['experiment']} over {len(seeds)} seeds: {len(records)} done earlier, {len(todo)} to run"
+            + (" in this process" if client is None and todo else ""))
+        sweeps.execute(client, todo, records, seed_task,
+                       sweeps.Progress(todo, len(jobs), len(records), progress, "reproduce"))
+    result = summarise_seeds(cfg, [records[j["task"]] for j in jobs])
+    result.update(config=repo_path(cfg_path), where=where, seconds=round(time.perf_counter() - t0, 1),
+                  provenance=sweeps._provenance())
+    result["figures"] = {k: f for k, plot, arg, f in (
+        ("fig5", plot_tradeoff, result["tradeoff"], "fig5_tradeoff_bands.png"),
+        ("fig6", plot_sensitivity, result["sensitivity"], "fig6_sensitivity_bands.png")) if arg and plot(arg, out / f)}
+    write_text_atomic(out / "seeds.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "report.md", format_seeds_report(result))
+    failed = sum(r["status"] != "ok" for r in result["tasks"])
+    say(f"wrote {out / 'report.md'}" + (f"; {failed} seeds failed (see the report)" if failed else ""))
+    return {**result, "results_dir": str(out)}
+
+
+def _seed_list(seeds):
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        return list(range(whole(seeds, "seeds", 1)))
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise SparsenetError(f"seeds must be a count N >= 1 or a non-empty list of seeds, got {seeds!r}")
+    seeds = [whole(s, "a seed", 0) for s in seeds]
+    if len(set(seeds)) < len(seeds):
+        raise SparsenetError(f"seeds: a seed is repeated in {seeds}")
+    return seeds
+
+
+def _check_seeds_out(out, cfg):
+    """``out`` is new, empty, or holds this experiment over seeds with the same config (read only)."""
+    if out.exists() and not out.is_dir():
+        raise SparsenetError(f"{out}: not a folder")
+    stored = out / "study.json"
+    if stored.is_file():
+        try:
+            old = json.loads(stored.read_text())
+        except ValueError:
+            raise SparsenetError(f"{stored}: damaged (not JSON); use another --out") from None
+        if not isinstance(old, dict) or old.get("config") != json.loads(json.dumps(cfg)):
+            raise SparsenetError(f"{out} holds {old.get('experiment') if isinstance(old, dict) else 'a study'} over "
+                                 "seeds with another config; only the seeds may change in a rerun: use another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise SparsenetError(f"{out} exists and holds no experiment over seeds (no study.json); use another --out")
+
+
+def seed_task(job):
+    """One seed of :func:`reproduce_seeds`, a task of the sweep engine: the experiment run (or resumed, or found
+    finished) in ``job["dir"]`` with one BLAS thread; returns its record (:func:`seed_record`), also written to
+    ``result.json``, or a failed one with its reason (it never raises)."""
+    from threadpoolctl import threadpool_limits
+
+    from .sweeps import failed_record, one_line
+
+    try:
+        with threadpool_limits(job["threads"], user_api="blas"):
+            m = _reproduce(job["cfg"], Path(job["config"]), Path(job["dir"]), job["data_dir"], job["device"],
+                           progress=False)
+        rec = {"task": job["task"], "seed": job["seed"], "status": "ok", "fingerprint": job["fingerprint"],
+               **seed_record(m)}
+    except Exception as e:  # recorded with its reason; the other seeds go on
+        return failed_record(job, one_line(e))
+    write_text_atomic(Path(job["dir"]) / "result.json", json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def seed_record(m):
+    """The numbers of one seed's ``metrics.json`` that :func:`summarise_seeds` gathers."""
+    pr, dc, tr = m["pruned"], m.get("deep_compression"), m.get("tradeoff")
+    return {"model": m["model"], "dense_error": m["dense"]["test_error"], "pruned_error": pr["test_error"],
+            **{k: pr[k] for k in ("compression", "nonzero_params", "params", "weights_left")},
+            "sensitivity": m.get("sensitivity"),
+            "tradeoff": tr and {k: tr[k] for k in ("dense_error", "ratios", "curves")},
+            "deep_compression": dc and {k: dc[k] for k in ("test_error", "file_ratio")},
+            "seconds": m["seconds"]["total"], "blas": m["provenance"].get("blas")}
+
+
+def summarise_seeds(cfg, records):
+    """Statistics over the seeds that finished (:func:`sparsenet.stats.describe`: mean, sd, 95% t-interval):
+    the headline dense and pruned errors and compression; the change pruned − dense paired by seed
+    (:func:`~sparsenet.stats.paired`); per-layer weights left; Fig. 6 (mean error per layer and ratio with its
+    interval) and Fig. 5 (mean loss per curve and point with its interval) in the forms :func:`plot_sensitivity`
+    and :func:`plot_tradeoff` draw with bands."""
+    from .stats import describe, paired
+
+    ok = [r for r in records if r["status"] == "ok"]
+
+    def d(values):
+        return describe(values)
+
+    head = {k: d([r[k] for r in ok]) for k in ("dense_error", "pruned_error", "compression", "nonzero_params")}
+    layers = {n: d([r["weights_left"][n] for r in ok]) for n in (ok[0]["weights_left"] if ok else {})}
+    sens = trade = dc = None
+    if ok and all(r["sensitivity"] for r in ok):
+        s0 = ok[0]["sensitivity"]
+        cells = {n: [d([r["sensitivity"]["layers"][n][i] for r in ok]) for i in range(len(s0["ratios"]))]
+                 for n in s0["layers"]}
+        base = d([r["sensitivity"]["baseline"] for r in ok])
+        sens = {"model": ok[0]["model"], "seeds": len(ok), "ratios": s0["ratios"], "baseline": base["mean"],
+                "layers": {n: [c["mean"] for c in v] for n, v in cells.items()},
+                "ci": {**{n: [c["ci"] for c in v] for n, v in cells.items()}, "baseline": base["ci"]}}
+    if ok and all(r["tradeoff"] for r in ok):
+        t0, curves = ok[0]["tradeoff"], {}
+        for name, c in t0["curves"].items():
+            if any(len(r["tradeoff"]["curves"][name]["loss"]) != len(c["loss"]) for r in ok):
+                continue
+            pts = [d([r["tradeoff"]["curves"][name]["loss"][i] for r in ok]) for i in range(len(c["loss"]))]
+            curves[name] = {"pruned": [d([r["tradeoff"]["curves"][name]["pruned"][i] for r in ok])["mean"]
+                                       for i in range(len(c["loss"]))],
+                            "loss": [p["mean"] for p in pts], "ci": [p["ci"] for p in pts],
+                            "sd": [p["sd"] for p in pts]}
+        trade = {"seeds": len(ok), "ratios": t0["ratios"], "curves": curves,
+                 "dense_error": d([r["tradeoff"]["dense_error"] for r in ok])["mean"]}
+    if ok and all(r["deep_compression"] for r in ok):
+        dc = {k: d([r["deep_compression"][k] for r in ok]) for k in ("test_error", "file_ratio")}
+    model = ok[0]["model"] if ok else None
+    return {"experiment": cfg["experiment"], "model": model, "dataset": cfg["train"]["dataset"],
+            "seeds": [r["seed"] for r in records], "tasks": records, **head,
+            "change": paired([r["pruned_error"] for r in ok], [r["dense_error"] for r in ok]),
+            "weights_left": layers, "sensitivity": sens, "tradeoff": trade, "deep_compression": dc,
+            "paper": TABLE1.get(model)}
+
+
+def _ms(s, digits=2, scale=100, unit="%"):
+    """``mean ± sd`` of a :func:`~sparsenet.stats.describe` result (``-`` without values)."""
+    if s["mean"] is None:
+        return "-"
+    return f"{scale * s['mean']:,.{digits}f}{unit}" + ("" if s["sd"] is None else f" ± {scale * s['sd']:,.{digits}f}")
+
+
+def _iv(s, digits=2, scale=100, unit="%"):
+    return "-" if s.get("ci") is None else f"[{scale * s['ci'][0]:,.{digits}f}, {scale * s['ci'][1]:,.{digits}f}]{unit}"
+
+
+def format_seeds_report(r):
+    """report.md of :func:`reproduce_seeds`: Table 1 over seeds beside the paper, the change pruned − dense,
+    the paper's dense error, per-layer densities, each seed's numbers, the band figures, failures."""
+    p, c, n = r["paper"] or {}, r["change"], r["pruned_error"]["n"]
+    lines = [f"# Reproduction over seeds: {r['experiment']} ({r['model']} on {r['dataset']})", "",
+             f"Config `{r['config']}` rerun with every seed replaced by each of {', '.join(map(str, r['seeds']))} "
+             f"({n} finished); mean ± standard deviation over seeds and the 95% t-interval of the mean. Run: "
+             f"{r['where']}, {r['seconds']:.0f} s this call.", "", "## Table 1 over seeds", "",
+             md_table(["", "error before", "error after", "non-zero params after", "compression"], [
+                 ["**sparsenet** (mean ± sd)", _ms(r["dense_error"]), _ms(r["pruned_error"]),
+                  _ms(r["nonzero_params"], 0, 1, ""), _ms(r["compression"], 1, 1, "×")],
+                 ["95% interval", _iv(r["dense_error"]), _iv(r["pruned_error"]), _iv(r["nonzero_params"], 0, 1, ""),
+                  _iv(r["compression"], 1, 1, "×")]] + [
+                 ["paper", pct(p["error_before"], 2), pct(p["error_after"], 2), f"{p['params_after']:,}",
+                  f"{p['compression']}×"]] * bool(p)), ""]
+    if c["mean_diff"] is not None:
+        lines += [f"**Pruned − dense**, paired by seed: {100 * c['mean_diff']:+.2f} points" + (
+            f" (95% interval [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}], paired t-test p = "
+            f"{c['p']:.2g})" if c["p"] is not None else "") + ".", ""]
+    if p and r["pruned_error"]["mean"] is not None:
+        above = sum(t["pruned_error"] > p["error_before"] for t in r["tasks"] if t["status"] == "ok")
+        lines += [f"**Against the paper's dense error** ({pct(p['error_before'], 2)}): the mean pruned error is "
+                  f"{'at or under' if r['pruned_error']['mean'] <= p['error_before'] else 'above'} it; {above} of "
+                  f"{n} seeds are above it.", ""]
+    if r["weights_left"]:
+        lines += ["## Weights left per layer", "", md_table(["layer", "weights left (mean ± sd)", "95% interval"], [
+            [k, _ms(v, 1), _iv(v, 1)] for k, v in r["weights_left"].items()]), ""]
+    if r["deep_compression"]:
+        dc = r["deep_compression"]
+        lines += ["## Deep Compression over seeds", "", f"Compressed file's test error {_ms(dc['test_error'])} "
+                  f"{_iv(dc['test_error'])}; file {_ms(dc['file_ratio'], 1, 1, '×')} smaller than the dense one.", ""]
+    lines += ["## Each seed", "", md_table(["seed", "dense", "pruned", "compression", "seconds", "status"], [
+        [t["seed"], pct(t.get("dense_error"), 2), pct(t.get("pruned_error"), 2),
+         f"{t['compression']:.1f}×" if "compression" in t else "-", t.get("seconds", "-"),
+         "ok" if t["status"] == "ok" else "failed: " + t["reason"].replace("|", "\\|")] for t in r["tasks"]]), ""]
+    figs = r.get("figures", {})
+    lines += [x for k, cap in (("fig5", CAPTIONS["fig5"]), ("fig6", CAPTIONS["fig6"])) if k in figs
+              for x in (f"**{cap}** (mean over seeds, 95% bands)", "", f"![{k}]({figs[k]})", "")]
+    if r["sensitivity"]:
+        s = r["sensitivity"]
+        lines += ["Sensitivity over seeds (mean test error, one layer pruned):", "",
+                  md_table(*sensitivity_table(s)), ""]
+    if r["tradeoff"]:
+        t = r["tradeoff"]
+        lines += ["Trade-off over seeds (mean accuracy change in points vs each seed's dense net ± sd; Fig. 5):", "",
+                  md_table(["curve", *("pruned / Δacc" for _ in t["ratios"])], [
+                      [name, *(f"{100 * x:.1f}% / {-100 * y:+.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}")
+                               for x, y, sd in zip(c["pruned"], c["loss"], c["sd"]))]
+                      for name, c in t["curves"].items()]), ""]
+    pv = r["provenance"]
+    lines += ["## Provenance", "", f"sparsenet {pv['sparsenet']}, Python {pv['python']}, {pv['machine']}; finished "
+              f"{pv['finished']}. Each seed's own report, figures and runs: `seed-<s>/`.", ""]
+    return "\n".join(lines)
 
 
 def _committed(experiment, out):

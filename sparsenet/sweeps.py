@@ -33,6 +33,7 @@ and 95% interval over seeds, paired comparisons, the paper's claims; :mod:`spars
 ``OUT/report.md`` and a figure per network and dataset (error against kept fraction with 95% bands).
 """
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -60,6 +61,7 @@ AXES = ("models", "datasets", "seeds", "methods", "densities")
 SETTINGS_KEYS = ("train", "retrain", "rounds", "epochs", "quality", "l1", "l1_epochs")  # a rerun must keep them
 SPEC_KEYS = {"name", "description", *SETTINGS_KEYS, *AXES}
 RETRAIN_KEYS = (*SETTINGS, "batch_size")
+RECORD_KEYS = ("task", "method", "model", "dataset", "seed", "density", "layer", "ratio")  # a record's identity
 DEFAULTS = {"rounds": 3, "epochs": RETRAIN_DEFAULTS["epochs"], "quality": {}, "l1": 5e-5}
 HIGH_COMPRESSION = 0.1  # "high compression": kept fractions at or below this (else the smallest in the spec)
 # The paper's claims, each "a beats b" (lower test error), and two comparisons beyond it.
@@ -278,12 +280,12 @@ def run_task(job, *deps):
     rec = {k: job[k] for k in ("task", "method", "model", "dataset", "seed", "density")}
     failed = [d["task"] for d in deps if d.get("status") != "ok"]
     if failed:
-        return {**rec, "status": "failed", "reason": f"not run: {failed[0]} failed"}
+        return failed_record(job, f"not run: {failed[0]} failed")
     try:
         with threadpool_limits(job["threads"], user_api="blas"):
             rec.update(_run(job, deps), blas=blas_info())
     except Exception as e:  # a task that raises is recorded with its reason; the sweep goes on
-        return {**rec, "status": "failed", "reason": one_line(e)}
+        return failed_record(job, one_line(e))
     write_text_atomic(Path(job["dir"]) / "result.json", json.dumps(rec, indent=1) + "\n")
     return rec
 
@@ -376,13 +378,7 @@ def sweep(spec, out=None, *, scheduler=None, serial=False, workers=None, data_di
     Nothing is written before the spec is valid and the cluster is reached.
     """
     spec = load_spec(spec)
-    scheduler = scheduler if scheduler is not None or serial else os.environ.get("SPARSENET_SCHEDULER") or None
-    if serial and scheduler is not None:
-        raise SparsenetError("--serial runs in this process: give no --scheduler")
-    if workers is not None and (serial or scheduler is not None):
-        raise SparsenetError("--workers sizes the embedded cluster: not with --serial or --scheduler")
-    if workers is not None:
-        whole(workers, "workers", 1)
+    scheduler = engine_options(scheduler, serial, workers)
     out = Path(out if out is not None else Path("runs") / spec["name"]).absolute()
     _check_out(out, spec)
     jobs = plan(spec)
@@ -394,29 +390,13 @@ def sweep(spec, out=None, *, scheduler=None, serial=False, workers=None, data_di
     records = _finished(jobs)
     todo = [job for job in jobs if job["task"] not in records]
     t0 = time.perf_counter()
-    say = (lambda text: print(f"sweep: {text}", file=sys.stderr)) if progress else (lambda text: None)
-    client, cluster, where = (None, None, "serial" if todo else "nothing to run") if serial or not todo else \
-        _connect(scheduler, workers, len(todo), timeout, say)
-    try:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SparsenetError(f"{out}: cannot write there ({e.strerror or e})") from None
+    say = _say("sweep", progress)
+    with task_engine(scheduler, serial, workers, len(todo), timeout, say) as (client, where):
+        make_folder(out)
         write_text_atomic(out / "spec.json", json.dumps(spec, indent=2) + "\n")
         say(f"{len(jobs)} tasks, {len(records)} done earlier, {len(todo)} to run"
             + (" in this process" if client is None and todo else ""))
-        bar = _Progress(todo, len(jobs), len(records), progress)
-        if client is None:
-            for job in todo:
-                records[job["task"]] = bar.done(job, run_task(job, *(records[d] for d in job["deps"])))
-        else:
-            _on_dask(client, todo, records, bar)
-        bar.close()
-    finally:
-        if client is not None and scheduler is not client:
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        execute(client, todo, records, run_task, Progress(todo, len(jobs), len(records), progress))
     result = summarise(spec, [records[j["task"]] for j in jobs])
     result.update(out=str(out), seconds=round(time.perf_counter() - t0, 1), where=where, provenance=_provenance())
     figures = [f for f in (_plot(result, g, out / f"errors-{g['label']}.png") for g in result["groups"]) if f]
@@ -523,14 +503,76 @@ async def _identity(address, timeout):
         comm.abort()
 
 
-def _on_dask(client, todo, records, bar):
+# ----------------------------------------------------------------------------- the engine (any task graph)
+def engine_options(scheduler=None, serial=False, workers=None):
+    """The scheduler to use (``scheduler``, else ``$SPARSENET_SCHEDULER`` unless ``serial``; None: the embedded
+    cluster or this process), after checking the three options agree. Raises a one-line SparsenetError."""
+    scheduler = scheduler if scheduler is not None or serial else os.environ.get("SPARSENET_SCHEDULER") or None
+    if serial and scheduler is not None:
+        raise SparsenetError("--serial runs in this process: give no --scheduler")
+    if workers is not None and (serial or scheduler is not None):
+        raise SparsenetError("--workers sizes the embedded cluster: not with --serial or --scheduler")
+    if workers is not None:
+        whole(workers, "workers", 1)
+    return scheduler
+
+
+@contextlib.contextmanager
+def task_engine(scheduler, serial, workers, n_tasks, timeout=10.0, say=lambda text: None):
+    """Where :func:`execute` runs tasks: ``(client, where)``, the client None for this process (``serial``, or
+    nothing to run). A Dask client is connected (:func:`_connect`) before the body runs, so an unreachable
+    scheduler is one line before anything is written, and closed (with an embedded cluster) after it."""
+    if serial or not n_tasks:
+        yield None, "serial" if n_tasks else "nothing to run"
+        return
+    client, cluster, where = _connect(scheduler, workers, n_tasks, timeout, say)
+    try:
+        yield client, where
+    finally:
+        if client is not None and scheduler is not client:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def execute(client, todo, records, fn, bar):
+    """Run the tasks ``todo`` (dicts with ``task``, ``deps``, ``weight``; each after the tasks it needs) as
+    ``fn(job, *records of its deps)``, in this process (``client`` None) or on Dask; each record goes into
+    ``records[task]`` as it comes back. ``fn`` must return a record (never raise); a task Dask could not run
+    (a worker lost too often) gets a failed record with its reason."""
+    if client is None:
+        for job in todo:
+            records[job["task"]] = bar.done(job, fn(job, *(records[d] for d in job["deps"])))
+    else:
+        _on_dask(client, todo, records, fn, bar)
+    bar.close()
+
+
+def failed_record(job, reason):
+    """A failed task's record: its identifying fields (those of :data:`RECORD_KEYS` it has) and ``reason``."""
+    return {**{k: job[k] for k in RECORD_KEYS if k in job}, "status": "failed", "reason": reason}
+
+
+def make_folder(out):
+    """``out`` and its parents, or a one-line error."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SparsenetError(f"{out}: cannot write there ({e.strerror or e})") from None
+
+
+def _say(name, progress):
+    return (lambda text: print(f"{name}: {text}", file=sys.stderr)) if progress else (lambda text: None)
+
+
+def _on_dask(client, todo, records, fn, bar):
     """Submit ``todo`` (each after the tasks it needs) and collect the records as tasks finish."""
     from distributed import as_completed
 
     futures, jobs = {}, {}
     for job in todo:
         deps = [futures.get(d, records.get(d)) for d in job["deps"]]
-        f = client.submit(run_task, job, *deps, key=f"{job['method']}-{uuid.uuid4().hex[:8]}-{job['task']}",
+        f = client.submit(fn, job, *deps, key=f"{job.get('method', 'task')}-{uuid.uuid4().hex[:8]}-{job['task']}",
                           pure=False)
         futures[job["task"]], jobs[f.key] = f, job
     try:
@@ -540,22 +582,21 @@ def _on_dask(client, todo, records, bar):
                 rec = f.result()
             except Exception as e:  # a worker lost too often (KilledWorker), or the task could not start there
                 failed = [d for d in job["deps"] if records.get(d, {}).get("status", "ok") != "ok"]
-                rec = {**{k: job[k] for k in ("task", "method", "model", "dataset", "seed", "density")},
-                       "status": "failed", "reason": f"not run: {failed[0]} failed" if failed else one_line(e)}
+                rec = failed_record(job, f"not run: {failed[0]} failed" if failed else one_line(e))
             records[job["task"]] = bar.done(job, rec)
     except BaseException:
         client.cancel(list(futures.values()))
         raise
 
 
-class _Progress:
-    """One progress line for the sweep on stderr: tasks done of all, failures, time left (from the epochs
-    done so far); a bar on a terminal."""
+class Progress:
+    """One progress line for the tasks on stderr: tasks done of all, failures, time left (from the weights
+    (epochs) of the tasks done so far); a bar on a terminal."""
 
-    def __init__(self, todo, total, done_before, enabled):
-        self.total, self.n, self.failed, self.enabled = total, done_before, 0, enabled
+    def __init__(self, todo, total, done_before, enabled, name="sweep"):
+        self.total, self.n, self.failed, self.enabled, self.name = total, done_before, 0, enabled, name
         self.left, self.worked, self.t0 = sum(j["weight"] for j in todo), 0, time.perf_counter()
-        self.bar = progress_bar(len(todo), "sweep", unit="task", enabled=enabled)
+        self.bar = progress_bar(len(todo), name, unit="task", enabled=enabled)
 
     def done(self, job, rec):
         self.n, self.failed = self.n + 1, self.failed + (rec["status"] != "ok")
@@ -568,7 +609,7 @@ class _Progress:
             self.bar.set_postfix_str(text.split(", ", 1)[1] if ", " in text else "", refresh=False)
             self.bar.update(1)
         elif self.enabled:
-            print(f"sweep: {text} ({job['task']}: {status})", file=sys.stderr)
+            print(f"{self.name}: {text} ({job['task']}: {status})", file=sys.stderr)
         return rec
 
     def close(self):
@@ -689,13 +730,15 @@ def format_report(result):
     """``report.md``: per network and data set the dense error, a table per (method, kept fraction), the
     claims, the comparisons with han, the frontier and the failed tasks."""
     s = result["spec"]
+    work = sum(r.get("run_seconds", 0) for r in result["tasks"] if r["status"] == "ok")
     lines = [f"# Sweep {result['name']}", "", *([s["description"], ""] if s["description"] else []),
              f"{len(s['seeds'])} seeds ({', '.join(map(str, s['seeds']))}) × {len(s['methods'])} methods × "
              f"{len(s['densities'])} kept fractions; iterative methods: {s['rounds']} rounds × {s['epochs']} "
              f"retraining epochs; dense training: {s['train']['epochs']} epochs. Test errors over seeds: mean ± "
              f"standard deviation and the 95% t-interval of the mean; comparisons paired by seed (paired t-test; "
-             f"significant when p < {ALPHA}). {len(result['tasks'])} tasks, run: {result.get('where', '-')}, "
-             f"{result.get('seconds', 0):.0f} s this call.", ""]
+             f"significant when p < {ALPHA}). {len(result['tasks'])} tasks, {eta(work)} of worker time in all (the "
+             f"tasks' own times, whichever call ran them); this call: {result.get('where', '-')}, "
+             f"{result.get('seconds', 0):.0f} s.", ""]
     for g in result["groups"]:
         d = g["dense"]
         lines += [f"## {g['label']}", "", f"Dense: test error {_mean_sd(d)} (95% CI {_ci(d)}, {d['n']} seeds, "

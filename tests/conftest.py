@@ -91,3 +91,43 @@ def kill_training(monkeypatch):
             return real(*a, **k)
         monkeypatch.setattr(engine, "train_epoch", real if n is None else dying)
     return arm
+
+
+@pytest.fixture
+def external_scheduler(tmp_path):
+    """A ``dask scheduler`` and one ``dask worker --nthreads 1`` on 127.0.0.1, started as subprocesses (each in
+    its own process group) and always torn down; yields the scheduler's address."""
+    import contextlib
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    file, procs = tmp_path / "scheduler.json", []
+    common = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                       "--no-dashboard", "--scheduler-file", str(file)], **common))
+        deadline, address = time.monotonic() + 90, None
+        while address is None and time.monotonic() < deadline:  # the scheduler writes the file in pieces
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                address = json.loads(file.read_text())["address"]
+            time.sleep(0.1)
+        assert address, "dask scheduler did not start within 90 s"
+        procs.append(subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1",
+                                       "--nworkers", "1", "--no-dashboard"], **common))
+        with Client(address, timeout=90, set_as_default=False) as c:  # slow starts on a loaded machine
+            c.wait_for_workers(1, timeout=120)
+        yield address
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
