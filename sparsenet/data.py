@@ -29,6 +29,7 @@ import http.client
 import json
 import math
 import os
+import re
 import struct
 import urllib.request
 import zipfile
@@ -515,7 +516,8 @@ def parse_preprocess(text):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not key:
             raise SparsenetError(f"--preprocess {text!r}: expected key=value pairs such as mode=unit,resize=32")
-        d[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value.lower(), value)
+        d[key] = int(value) if re.fullmatch(r"[0-9]+", value) else {"true": True, "false": False}.get(
+            value.lower(), value)
     return d
 
 

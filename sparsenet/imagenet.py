@@ -19,6 +19,7 @@ at the top, without an import cycle.
 import collections
 import csv
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -123,6 +124,11 @@ def load_image(path, pre=Preprocess(), u=None, out=None):
     Image, s = _pil(), pre.size
     try:
         with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey: to 8 bits (convert would clip)
+                im = Image.fromarray((numpy.asarray(im, dtype=numpy.uint32) // 257).astype(numpy.uint8))
+            elif im.mode in ("I", "F"):
+                raise DataError(f"{path}: a {'32-bit integer' if im.mode == 'I' else 'floating-point'} image; "
+                                "convert it to 8 or 16 bits per channel")
             im = im.convert("L" if pre.grayscale else "RGB")
         w, h = pre.resized(*im.size)
         a = numpy.asarray(im.resize((w, h), Image.BILINEAR)).reshape(h, w, pre.channels)
@@ -166,7 +172,7 @@ def _label_file(root, d, files, wnids):
         raise DataError(f"{path}: cannot read ({e})") from None
     if path.suffix == ".txt":
         for no, parts in enumerate((line.split() for line in lines), 1):
-            if parts and (len(parts) != 2 or not parts[1].lstrip("-").isdigit()):
+            if parts and (len(parts) != 2 or not re.fullmatch(r"-?[0-9]+", parts[1])):
                 raise DataError(f"{path}:{no}: expected '<file name> <class index>', got {' '.join(parts)!r}")
             entries += [(no, parts[0], int(parts[1]))] if parts else []
         key = lambda f: f

@@ -131,10 +131,14 @@ def export_onnx(net, path, sparse_initializers=False):
     nodes, dense, sparse, shape, nchw = [], [], [], net.input_shape, False
     cur = "input"
 
-    def node(op, name, *inputs, **attrs):
+    def node(op, name, *inputs, **attrs):  # tensors between layers are named "<layer>:<step>"
         nonlocal cur
         nodes.append(helper.make_node(op, [cur, *inputs], [name], name=name, **attrs))
         cur = name
+
+    def shape_const(name, values):  # an int64 initializer (Reshape's target shape)
+        dense.append(numpy_helper.from_array(numpy.asarray(values, dtype=numpy.int64), name))
+        return name
 
     for l in (net.layer(row[0]) for row in _weighted(description(net))):  # initializers, in network order
         W = _to_torch(_host(l.params["W"].data), None)  # conv → (F, C/g, k, k); linear as it is
@@ -146,29 +150,44 @@ def export_onnx(net, path, sparse_initializers=False):
             dense.append(numpy_helper.from_array(W, f"{l.name}.weight"))
         dense.append(numpy_helper.from_array(_host(l.params["b"].data), f"{l.name}.bias"))
     for l in net.layers:
-        if l.kind in ("conv2d", "maxpool2d", "lrn") and not nchw:
-            node("Transpose", f"{l.name}/to_nchw", perm=[0, 3, 1, 2])
-            nchw = True
+        if l.kind in ("conv2d", "maxpool2d") or l.kind == "lrn" and len(shape) == 3:
+            if not nchw:
+                node("Transpose", f"{l.name}:to_nchw", perm=[0, 3, 1, 2])
+                nchw = True
         elif l.kind == "flatten" and nchw:
-            node("Transpose", f"{l.name}/to_nhwc", perm=[0, 2, 3, 1])
+            node("Transpose", f"{l.name}:to_nhwc", perm=[0, 2, 3, 1])
             nchw = False
-        weights = (f"{l.name}.weight", f"{l.name}.bias")
+        weights, out = (f"{l.name}.weight", f"{l.name}.bias"), f"{l.name}:out"
+        lrn = dict(size=l.size, alpha=l.alpha, beta=l.beta, bias=l.k) if l.kind == "lrn" else {}
         if l.kind == "conv2d":
             k = l.params["W"].data.shape[1]
-            node("Conv", l.name, *weights, kernel_shape=[k, k], strides=[l.stride] * 2, pads=[l.pad] * 4,
+            node("Conv", out, *weights, kernel_shape=[k, k], strides=[l.stride] * 2, pads=[l.pad] * 4,
                  group=l.groups)
         elif l.kind == "maxpool2d":  # ceil: pad the end so that floor rounding gives Caffe's windows
-            (H, W), out = shape[:2], l.output_shape(shape)[:2]
-            ends = [max(0, (o - 1) * l.stride + l.k - n) for o, n in zip(out, (H, W))]
-            node("MaxPool", l.name, kernel_shape=[l.k, l.k], strides=[l.stride] * 2, pads=[0, 0, *ends])
-        elif l.kind == "lrn":
-            node("LRN", l.name, size=l.size, alpha=l.alpha, beta=l.beta, bias=l.k)
+            (H, W), o = shape[:2], l.output_shape(shape)[:2]
+            ends = [max(0, (a - 1) * l.stride + l.k - n) for a, n in zip(o, (H, W))]
+            node("MaxPool", out, kernel_shape=[l.k, l.k], strides=[l.stride] * 2, pads=[0, 0, *ends])
+        elif l.kind == "lrn" and len(shape) == 3:
+            node("LRN", out, **lrn)
+        elif l.kind == "lrn":  # across the last axis of a vector (N, C) or a map (N, H, W): as (N, C, ·, 1)
+            if len(shape) == 2:
+                node("Transpose", f"{l.name}:last_first", perm=[0, 2, 1])
+            node("Reshape", f"{l.name}:to_4d", shape_const(f"{l.name}:4d", [0, 0, -1, 1]))
+            node("LRN", f"{l.name}:lrn", **lrn)
+            node("Reshape", f"{l.name}:from_4d", shape_const(f"{l.name}:{len(shape) + 1}d", [0, 0, -1][:len(shape) + 1]))
+            if len(shape) == 2:
+                node("Transpose", out, perm=[0, 2, 1])
         elif l.kind == "linear":
-            node("Gemm", l.name, *weights, transB=1)
+            node("Gemm", out, *weights, transB=1)
         else:
-            node({"relu": "Relu", "dropout": "Identity", "flatten": "Flatten"}[l.kind], l.name)
+            node({"relu": "Relu", "dropout": "Identity", "flatten": "Flatten"}[l.kind], out)
         shape = l.output_shape(shape)
     nodes[-1].output[0] = "logits"
+    names = ["input", *(t.name for t in dense), *(t.values.name for t in sparse), *(o for n in nodes for o in n.output)]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash is not None:  # only layer names with '.' or ':' can make two tensors share a name
+        raise SparsenetError(f"{path}: two ONNX tensors would be named {clash!r}; rename the layer whose name "
+                             "contains it")
     graph = helper.make_graph(
         nodes, net.name or "sparsenet", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                        ["N", *net.input_shape])],
@@ -180,7 +199,11 @@ def export_onnx(net, path, sparse_initializers=False):
     helper.set_model_props(model, {"sparsenet.network": json.dumps(description(net)),
                                    "sparsenet.input_layout": "NHWC"})
     data = model.SerializeToString()  # once: checked, then written
-    onnx.checker.check_model(data)
+    try:
+        onnx.checker.check_model(data)
+    except onnx.checker.ValidationError as e:
+        raise SparsenetError(f"{path}: the ONNX checker refuses the model ({str(e).strip().splitlines()[0]})") \
+            from None
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return {"format": "onnx", "path": str(path), "bytes": Path(path).stat().st_size,

@@ -483,7 +483,7 @@ def _connect(scheduler, workers, n_tasks, timeout, say):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=f":{port}",
                                silence_logs=logging.CRITICAL)
         client = Client(cluster, set_as_default=False)
-        where = f"Dask LocalCluster, {n} worker processes"
+        where = f"Dask LocalCluster, {n} worker process{'es' if n != 1 else ''}"
         say(f"{where}, 1 thread each")
     if "dashboard" in client.scheduler_info().get("services", {}):
         say(f"dashboard: {client.dashboard_link}" + ("" if scheduler is not None or find_spec("bokeh") else

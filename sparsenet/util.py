@@ -92,7 +92,10 @@ def atomic_path(path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. a folder of that name: one line, the temporary file removed below
+            raise SparsenetError(f"{path}: cannot write there ({'a folder is in the way' if path.is_dir() else e.strerror or e})") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

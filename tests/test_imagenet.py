@@ -194,6 +194,16 @@ def test_other_colour_modes_become_rgb(tmp_path):
     assert colour_class(load_image(tmp_path / "a.png", pre)[None])[0] == 2
 
 
+def test_sixteen_bit_grey_is_scaled_not_clipped_and_wider_modes_refused(tmp_path):
+    a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    x = load_image(tmp_path / "g16.png", Preprocess("unit", 8, 8, grayscale=True))
+    np.testing.assert_allclose(x[..., 0], (a // 257).astype(np.float32) / 255, atol=1e-6)
+    Image.fromarray(a.astype(np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(SparsenetError, match=r"f.tif: a floating-point image"):
+        load_image(tmp_path / "f.tif", Preprocess("unit", 8, 8))
+
+
 def test_preprocess_dict_round_trip_and_validation(tree):
     pre = Preprocess("torch", 224, 256)
     assert Preprocess.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre
@@ -302,6 +312,10 @@ LAYOUT_ERRORS = [  # (val layout, what to break, split, message)
      r"val.txt:7: ILSVRC2012_val_00000000.JPEG is listed twice"),
     ("caffe", lambda r: open(r / "val" / "val.txt", "a").write("\nbroken line here\n"), "val",
      r"val.txt:8: expected '<file name> <class index>'"),
+    ("caffe", lambda r: open(r / "val" / "val.txt", "a").write("other.JPEG --1\n"), "val",
+     r"val.txt:7: expected '<file name> <class index>'"),
+    ("caffe", lambda r: open(r / "val" / "val.txt", "a").write("other.JPEG \u00b2\n"), "val",
+     r"val.txt:7: expected '<file name> <class index>'"),
     ("caffe", lambda r: (r / "val" / "val.txt").write_text((r / "val" / "val.txt").read_text().replace(" 2\n", " 3\n")),
      "val", r"label 3 of ILSVRC2012_val_00000000.JPEG is out of range 0..2"),
     ("kaggle", lambda r: (r / "val" / "LOC_val_solution.csv").write_text("a,b\n"), "val", "expected the header"),

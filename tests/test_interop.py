@@ -341,6 +341,46 @@ def test_export_option_errors(args, needle, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.h5"]
 
 
+LRN_ANYWHERE = [  # LRN across the last axis of a vector, of a (H, W) map, and of a (H, W, C) map
+    ([6], [{"kind": "linear", "name": "fc1", "n_in": 6, "n_out": 5}, {"kind": "lrn", "name": "norm", "size": 3},
+           {"kind": "linear", "name": "fc2", "n_in": 5, "n_out": 3}]),
+    ([4, 5], [{"kind": "lrn", "name": "norm", "size": 3}, {"kind": "flatten", "name": "flat"},
+              {"kind": "linear", "name": "fc", "n_in": 20, "n_out": 3}]),
+    ([4, 4, 3], [{"kind": "lrn", "name": "norm", "size": 3}, {"kind": "flatten", "name": "flat"},
+                 {"kind": "linear", "name": "fc", "n_in": 48, "n_out": 3}])]
+
+
+@pytest.mark.parametrize("shape, layers", LRN_ANYWHERE, ids=["vector", "map", "channels"])
+def test_onnx_lrn_on_any_input_runs_as_forward(shape, layers, tmp_path):
+    net = build_network({"name": "lrn", "input_shape": shape, "layers": layers})
+    interop.export_onnx(net, tmp_path / "m.onnx")
+    x = images(net)
+    compare(session(tmp_path / "m.onnx").run(None, {"input": x})[0], net.forward(x, train=False))
+
+
+@pytest.mark.parametrize("names", [["input", "r", "fc"], ["fc1", "logits", "fc"], ["fc1", "fc1.weight", "fc"],
+                                   ["a:out", "a", "b"]])
+def test_onnx_takes_layer_names_that_look_like_its_tensors(names, tmp_path):
+    net = build_network({"name": "n", "input_shape": [6], "layers": [
+        {"kind": "linear", "name": names[0], "n_in": 6, "n_out": 5}, {"kind": "relu", "name": names[1]},
+        {"kind": "linear", "name": names[2], "n_in": 5, "n_out": 3}]})
+    interop.export_onnx(net, tmp_path / "n.onnx")
+    x = images(net)
+    compare(session(tmp_path / "n.onnx").run(None, {"input": x})[0], net.forward(x, train=False))
+
+
+def test_export_onto_a_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "out.onnx").mkdir()
+    (tmp_path / "out.safetensors").mkdir()
+    save_checkpoint(tmp_path / "ck.h5", build_model("lenet-300-100"))
+    for name in ("out.onnx", "out.safetensors"):
+        assert main(["export", str(tmp_path / "ck.h5"), str(tmp_path / name), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert "a folder is in the way" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.h5", "out.onnx", "out.safetensors"]
+    assert not any(list((tmp_path / n).iterdir()) for n in ("out.onnx", "out.safetensors"))
+
+
 def test_export_refuses_dotted_layer_names(tmp_path):
     spec = {**CNN, "layers": [{**s, "name": "conv.1"} if s["name"] == "conv1" else s for s in CNN["layers"]]}
     with pytest.raises(SparsenetError, match="'conv.1' has a '.'"):

@@ -198,7 +198,7 @@ def test_sensitivity_command_on_the_engine_and_its_errors(checkpoint, tmp_path, 
     assert main(["sensitivity", str(checkpoint), "--ratios", "0,0.9", "--layers", "fc2", "--out", str(out),
                  "--workers", "1", "--no-progress", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert list(res["layers"]) == ["fc2"] and res["where"] == "Dask LocalCluster, 1 worker processes"
+    assert list(res["layers"]) == ["fc2"] and res["where"] == "Dask LocalCluster, 1 worker process"
     monkeypatch.setenv("SPARSENET_SCHEDULER", "tcp://127.0.0.1:1")
     for args, message in ((["--layers", "fc9"], "no prunable layer named fc9"),
                           (["--ratios", "0,2"], "pruning ratios must be"),
