@@ -302,14 +302,18 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EO
                NotImplementedError)
 
 
+NPZ_KEYS = tuple(f"{a}_{s}" for s in ("train", "test", "val") for a in "xy")  # the arrays a data set may hold
+
+
 def npz_members(path):
-    """``{key: NpzMember}`` of the ``.npy`` arrays in the .npz file ``path``, from their headers alone
-    (nothing else is read or decompressed). Raises :class:`DataError` for a file that is not an npz."""
+    """``{key: NpzMember}`` of the data set's ``.npy`` arrays (:data:`NPZ_KEYS`) in the .npz file ``path``,
+    from their headers alone (nothing else is read or decompressed; other members are not looked at). Raises
+    :class:`DataError` for a file that is not an npz."""
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
             out = {}
             for info in zf.infolist():
-                if not info.filename.endswith(".npy") or "/" in info.filename:
+                if not info.filename.endswith(".npy") or info.filename[:-4] not in NPZ_KEYS:
                     continue
                 with zf.open(info) as f:
                     version = npy_format.read_magic(f)
@@ -339,6 +343,8 @@ def _check_npz(path, members, input_shape):
     """Keys, dtypes and shapes of every split's arrays, from the headers: ``[split, …]`` present."""
     splits = ["train", "test"] + ["val"] * ("x_val" in members or "y_val" in members)
     if missing := [k for s in splits for k in (f"x_{s}", f"y_{s}") if k not in members]:
+        with contextlib.suppress(*_ZIP_ERRORS), zipfile.ZipFile(path) as zf:  # every array's name, for the message
+            members = {n[:-4]: None for n in zf.namelist() if n.endswith(".npy")}
         raise DataError(f"{path}: no {', '.join(missing)} array (found: {', '.join(sorted(members)) or 'none'}; an "
                         "npz data set holds x_train, y_train, x_test, y_test and optionally x_val, y_val)")
     for s in splits:

@@ -217,6 +217,20 @@ def test_npz_val_arrays_are_checked_and_readable(tmp_path):
         load_split(f"npz:{tmp_path / 'd.npz'}", (64,), np)
 
 
+def test_other_members_of_an_npz_are_not_read(tmp_path):
+    import zipfile
+
+    (xr, yr) = separable(10)
+    np.savez(tmp_path / "d.npz", x_train=xr, y_train=yr, x_test=xr, y_test=yr, labels=np.arange(3))
+    with zipfile.ZipFile(tmp_path / "d.npz", "a") as zf:
+        zf.writestr("notes.npy", b"not an array at all")
+    d = load_split(f"npz:{tmp_path / 'd.npz'}", (64,), np)
+    assert np.array_equal(d["test"][1], yr)
+    np.savez(tmp_path / "e.npz", images=xr, y_train=yr, x_test=xr, y_test=yr)
+    with pytest.raises(DataError, match=r"no x_train array \(found: images, x_test, y_test, y_train"):
+        load_split(f"npz:{tmp_path / 'e.npz'}", (64,), np)
+
+
 def _arrays(**change):
     (xr, yr), (xt, yt) = separable(10), separable(5, seed=1)
     return {k: v for k, v in {"x_train": xr, "y_train": yr, "x_test": xt, "y_test": yt, **change}.items()
