@@ -286,7 +286,7 @@ def sensitivity_checkpoint(checkpoint, out=None, ratios=DEFAULT_RATIOS, layers=N
         Path(data_dir).expanduser().absolute()), device=device, threads=whole(threads, "threads", 1), deps=[],
         weight=1)
     jobs = [{**where, "task": "baseline", "layer": None, "ratio": 0.0}] + [
-        {**where, "task": f"{n}@{r:g}", "layer": n, "ratio": r} for n in layers for r in ratios]
+        {**where, "task": f"{n}@{r!r}", "layer": n, "ratio": r} for n in layers for r in ratios]  # repr: unique
     records = {}
     with sweeps.task_engine(scheduler, serial, workers, len(jobs), timeout, sweeps._say("sensitivity", progress)) \
             as (client, ran):
@@ -301,8 +301,8 @@ def sensitivity_checkpoint(checkpoint, out=None, ratios=DEFAULT_RATIOS, layers=N
     base = records["baseline"]
     res = {"checkpoint": str(checkpoint), "dataset": ck.config.get("dataset", "mnist"), "model": ck.net.name,
            "samples": base["samples"], "ratios": ratios, "baseline": base["test_error"], "where": ran,
-           "layers": {n: [base["test_error"] if records[f"{n}@{r:g}"]["test_error"] is None else
-                          records[f"{n}@{r:g}"]["test_error"] for r in ratios] for n in layers}}
+           "layers": {n: [base["test_error"] if records[f"{n}@{r!r}"]["test_error"] is None else
+                          records[f"{n}@{r!r}"]["test_error"] for r in ratios] for n in layers}}
     png = out / "sensitivity.png"
     res["files"] = [str(out / "sensitivity.json"), str(out / "sensitivity.md")] + (
         [str(png)] if plot_sensitivity(res, png) else [])

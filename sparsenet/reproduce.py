@@ -4,6 +4,7 @@ optional ``sensitivity`` (Fig. 6), ``tradeoff`` (Fig. 5), ``bounds``. Results (m
 paths, report.md, figures) go to ``--out``, the runs to its ``work/``; a killed run resumes."""
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -65,7 +66,81 @@ def load_config(name):
         for k, v in pre.get("data", {}).items():
             whole(v, f"{path}: {k}", 0)
     Schedule.from_dict(cfg["prune"])
+    try:
+        _check_sections(cfg)
+    except SparsenetError as e:
+        raise SparsenetError(f"{path}: {e}") from None
     return cfg, path
+
+
+BOUNDS = ("max_test_error", "min_compression", "max_error_increase", "max_compressed_error", "min_file_ratio")
+MAX_SEEDS = 10_000  # more seeds than any study needs: a typo (10**15) is refused, not planned
+
+
+def _section(cfg, key, allowed):
+    d = cfg.get(key)
+    if d is None:
+        return {}
+    if not isinstance(d, dict) or set(d) - set(allowed):
+        bad = sorted(set(d) - set(allowed)) if isinstance(d, dict) else d
+        raise SparsenetError(f"'{key}' must be an object with keys among {', '.join(allowed)} (got {bad!r})")
+    return d
+
+
+def _fractions(v, what, high_open=False):
+    ok = isinstance(v, list) and v and all(not isinstance(r, bool) and isinstance(r, (int, float)) and 0 <= r <= 1
+                                           and not (high_open and r == 1) for r in v)
+    if not ok:
+        raise SparsenetError(f"{what} must be a non-empty list of fractions in [0, {1 if not high_open else '1)'}"
+                             f"{']' if not high_open else ''}, got {v!r}")
+
+
+def _number(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise SparsenetError(f"{what} must be a finite number >= 0, got {v!r}")
+
+
+def _check_sections(cfg):
+    """The optional sections of an experiment config, whole: experiment and description strings,
+    ``sensitivity`` (ratios), ``tradeoff`` (ratios, epochs, l1, l1_epochs, retrain, seed), ``quantise``
+    (bits, retrain, sweep: layer, bits, epochs) and ``bounds`` (numbers)."""
+    if not isinstance(cfg["experiment"], str) or not cfg["experiment"] or not isinstance(
+            cfg.get("description", ""), str):
+        raise SparsenetError("'experiment' (a name) and 'description' must be strings")
+    sens = _section(cfg, "sensitivity", ("ratios",))
+    if "ratios" in sens:
+        _fractions(sens["ratios"], "sensitivity.ratios")
+    trade = _section(cfg, "tradeoff", ("ratios", "epochs", "l1", "l1_epochs", "retrain", "seed"))
+    if cfg.get("tradeoff") is not None:
+        _fractions(trade.get("ratios"), "tradeoff.ratios", high_open=True)
+        for k in ("epochs", "l1_epochs", "seed"):
+            if k in trade:
+                whole(trade[k], f"tradeoff.{k}", 0)
+        if "l1" in trade:
+            _number(trade["l1"], "tradeoff.l1")
+        Schedule.from_dict({"retrain": trade.get("retrain", {}), "rounds": [{"criterion": "percentile", "amount": 0}]})
+    q = _section(cfg, "quantise", ("bits", "retrain", "sweep"))
+    if cfg.get("quantise") is not None:
+        if "bits" not in q:
+            raise SparsenetError("quantise.bits is missing")
+        Schedule.from_dict({"retrain": q.get("retrain", {}), "rounds": [{"quantise": q["bits"]}]})
+        from .quantise import check_bits
+
+        net = build_model(cfg["train"]["model"]) if "train" in cfg else build_model(cfg["pretrained"]["model"])
+        check_bits(net, q["bits"])  # the shape of the bits against the network (nothing trained)
+        sw = _section(q, "sweep", ("layer", "bits", "epochs"))
+        if q.get("sweep") is not None:
+            if sw.get("layer") not in prunable_layers(net):
+                raise SparsenetError(f"quantise.sweep.layer must name a layer of {net.name} "
+                                     f"({', '.join(prunable_layers(net))}), got {sw.get('layer')!r}")
+            bits = sw.get("bits", [2])
+            if not isinstance(bits, list) or not bits or not all(isinstance(b, int) and not isinstance(b, bool) and
+                                                                  1 <= b <= 16 for b in bits):
+                raise SparsenetError(f"quantise.sweep.bits must be a list of widths 1..16, got {bits!r}")
+            whole(sw.get("epochs", 1), "quantise.sweep.epochs", 0)
+    for k, v in _section(cfg, "bounds", BOUNDS).items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SparsenetError(f"bounds.{k} must be a number, got {v!r}")
 
 
 def _git_commit():
@@ -275,7 +350,7 @@ def reproduce_seeds(name, seeds, out=None, *, scheduler=None, serial=False, work
     seeds = _seed_list(seeds)
     fingerprints = {s: json.dumps(with_seed(cfg, s), sort_keys=True) for s in seeds}  # refuses ImageNet ones
     scheduler = sweeps.engine_options(scheduler, serial, workers)
-    out = Path(out if out is not None else Path("runs") / f"{cfg['experiment']}-seeds").absolute()
+    out = Path(os.path.abspath(out if out is not None else Path("runs") / f"{cfg['experiment']}-seeds"))
     _check_seeds_out(out, cfg)
     data_dir = None if data_dir is None else str(Path(data_dir).expanduser().absolute())
     jobs = [{"task": f"seed-{s}", "seed": s, "deps": [], "weight": 1, "dir": str(out / f"seed-{s}"),
@@ -311,9 +386,12 @@ def reproduce_seeds(name, seeds, out=None, *, scheduler=None, serial=False, work
 
 def _seed_list(seeds):
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        return list(range(whole(seeds, "seeds", 1)))
-    if not isinstance(seeds, (list, tuple)) or not seeds:
-        raise SparsenetError(f"seeds must be a count N >= 1 or a non-empty list of seeds, got {seeds!r}")
+        if whole(seeds, "seeds", 1) > MAX_SEEDS:
+            raise SparsenetError(f"seeds: {seeds} runs are more than {MAX_SEEDS:,}; give fewer")
+        return list(range(seeds))
+    if not isinstance(seeds, (list, tuple)) or not seeds or len(seeds) > MAX_SEEDS:
+        raise SparsenetError(f"seeds must be a count N >= 1 or a non-empty list of seeds (at most {MAX_SEEDS:,}), "
+                             f"got {seeds if not isinstance(seeds, (list, tuple)) else f'{len(seeds)} seeds'!r}")
     seeds = [whole(s, "a seed", 0) for s in seeds]
     if len(set(seeds)) < len(seeds):
         raise SparsenetError(f"seeds: a seed is repeated in {seeds}")
@@ -437,9 +515,9 @@ def format_seeds_report(r):
                  ["**sparsenet** (mean ± sd)", _ms(r["dense_error"]), _ms(r["pruned_error"]),
                   _ms(r["nonzero_params"], 0, 1, ""), _ms(r["compression"], 1, 1, "×")],
                  ["95% interval", _iv(r["dense_error"]), _iv(r["pruned_error"]), _iv(r["nonzero_params"], 0, 1, ""),
-                  _iv(r["compression"], 1, 1, "×")]] + [
+                  _iv(r["compression"], 1, 1, "×")]] + ([
                  ["paper", pct(p["error_before"], 2), pct(p["error_after"], 2), f"{p['params_after']:,}",
-                  f"{p['compression']}×"]] * bool(p)), ""]
+                  f"{p['compression']}×"]] if p else [])), ""]
     if c["mean_diff"] is not None:
         lines += [f"**Pruned − dense**, paired by seed: {100 * c['mean_diff']:+.2f} points" + (
             f" (95% interval [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}], paired t-test p = "

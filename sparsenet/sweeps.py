@@ -61,6 +61,8 @@ AXES = ("models", "datasets", "seeds", "methods", "densities")
 SETTINGS_KEYS = ("train", "retrain", "rounds", "epochs", "quality", "l1", "l1_epochs")  # a rerun must keep them
 SPEC_KEYS = {"name", "description", *SETTINGS_KEYS, *AXES}
 RETRAIN_KEYS = (*SETTINGS, "batch_size")
+MAX_SEEDS, MAX_ROUNDS, MAX_EPOCHS = 10_000, 1_000, 100_000  # typos (10**15) refused before anything is planned
+IDENTITY = ("task", "method", "model", "dataset", "seed", "density")  # a task's record names its task
 RECORD_KEYS = ("task", "method", "model", "dataset", "seed", "density", "layer", "ratio")  # a record's identity
 DEFAULTS = {"rounds": 3, "epochs": RETRAIN_DEFAULTS["epochs"], "quality": {}, "l1": 5e-5}
 HIGH_COMPRESSION = 0.1  # "high compression": kept fractions at or below this (else the smallest in the spec)
@@ -127,8 +129,11 @@ def _normalise(s, name, base):
         if key not in s:
             raise SparsenetError(f"'{key}' is missing (the axes seeds, methods and densities are required)")
     out = {"name": s.get("name", name), "description": s.get("description", "")}
-    if not isinstance(out["name"], str) or not re.fullmatch(r"[A-Za-z0-9._-]+", out["name"] or ""):
-        raise SparsenetError(f"name must be letters, digits, '.', '_' or '-', got {out['name']!r}")
+    if not isinstance(out["name"], str) or not re.fullmatch(r"[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*",
+                                                             out["name"] or ""):
+        raise SparsenetError(f"name must be letters, digits, '.', '_' or '-' (not dots alone), got {out['name']!r}")
+    if not isinstance(out["description"], str):
+        raise SparsenetError(f"description must be a string, got {out['description']!r}")
     train = s.get("train", {})
     if not isinstance(train, dict):
         raise SparsenetError("'train' must be an object of training settings")
@@ -156,6 +161,9 @@ def _normalise(s, name, base):
     out["retrain"] = dict(retrain)
     out["rounds"] = whole(s.get("rounds", DEFAULTS["rounds"]), "rounds", 1)
     out["epochs"] = whole(s.get("epochs", DEFAULTS["epochs"]), "epochs", 0)
+    if out["rounds"] > MAX_ROUNDS or out["epochs"] > MAX_EPOCHS:
+        raise SparsenetError(f"rounds (at most {MAX_ROUNDS}) or epochs (at most {MAX_EPOCHS:,}) out of range: "
+                             f"{out['rounds']}, {out['epochs']}")
     out["l1"] = _number(s.get("l1", DEFAULTS["l1"]), "l1")
     out["l1_epochs"] = whole(s.get("l1_epochs", out["epochs"]), "l1_epochs", 0)
     quality = s.get("quality", DEFAULTS["quality"])
@@ -165,9 +173,12 @@ def _normalise(s, name, base):
         if _number(v, f"quality.{k}") <= 0:
             raise SparsenetError(f"quality.{k} must be > 0, got {v!r}")
     out["quality"] = dict(quality)
-    out["seeds"] = list(range(whole(s["seeds"], "seeds", 1))) if isinstance(s["seeds"], int) and not isinstance(
+    if isinstance(s["seeds"], int) and not isinstance(s["seeds"], bool) and whole(s["seeds"], "seeds", 1) > MAX_SEEDS:
+        raise SparsenetError(f"seeds: {s['seeds']} seeds are more than {MAX_SEEDS:,}; give fewer")
+    out["seeds"] = list(range(s["seeds"])) if isinstance(s["seeds"], int) and not isinstance(
         s["seeds"], bool) else _axis(s, "seeds", None, lambda v: whole(v, "a seed", 0) is v)
-    out["methods"] = _axis(s, "methods", None, lambda v: v in M.METHODS, f"choose from {', '.join(M.METHODS)}")
+    out["methods"] = _axis(s, "methods", None, lambda v: isinstance(v, str) and v in M.METHODS,
+                           f"choose from {', '.join(M.METHODS)}")
     out["densities"] = _axis(s, "densities", None, lambda v: not isinstance(v, bool) and isinstance(
         v, (int, float)) and 0 < v < 1, "kept fractions in (0, 1)")
     if len({f"{d:g}" for d in out["densities"]}) < len(out["densities"]):
@@ -379,7 +390,7 @@ def sweep(spec, out=None, *, scheduler=None, serial=False, workers=None, data_di
     """
     spec = load_spec(spec)
     scheduler = engine_options(scheduler, serial, workers)
-    out = Path(out if out is not None else Path("runs") / spec["name"]).absolute()
+    out = Path(os.path.abspath(out if out is not None else Path("runs") / spec["name"]))  # "a/.." collapsed
     _check_out(out, spec)
     jobs = plan(spec)
     for job in jobs:
@@ -418,7 +429,9 @@ def _check_out(out, spec):
         try:
             old = json.loads(stored.read_text())
         except ValueError:
-            raise SparsenetError(f"{stored}: damaged (not JSON); use another --out") from None
+            old = None
+        if not isinstance(old, dict):
+            raise SparsenetError(f"{stored}: damaged (not a sweep's spec); use another --out")
         changed = [k for k in SETTINGS_KEYS if old.get(k) != json.loads(json.dumps(spec[k]))]
         if changed:
             raise SparsenetError(f"{out} holds a sweep with other settings ({', '.join(changed)}); only the axes "
@@ -438,7 +451,7 @@ def _finished(jobs):
             rec = json.loads((Path(job["dir"]) / "result.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(rec, dict) and rec.get("status") == "ok":
+        if _valid_record(rec, job):
             records[job["task"]] = rec
     by_task = {job["task"]: job for job in jobs}
     while True:  # the sources of unfinished tasks need their checkpoints (a source of a source too)
@@ -448,6 +461,16 @@ def _finished(jobs):
             return records
         for t in gone:
             del records[t]
+
+
+def _valid_record(rec, job):
+    """``rec`` (a ``result.json`` read back) is an ``ok`` record of exactly ``job`` (its identity: task,
+    method, network, data set, seed, density) with every number the statistics read, finite."""
+    if not isinstance(rec, dict) or rec.get("status") != "ok" or any(rec.get(k) != job[k] for k in IDENTITY):
+        return False
+    numbers = ("test_error", "weights_left", "compression", "epochs", "total_epochs")
+    return all(not isinstance(rec.get(k), bool) and isinstance(rec.get(k), (int, float)) and math.isfinite(rec[k])
+               for k in numbers) and isinstance(rec.get("layers"), dict)
 
 
 def _connect(scheduler, workers, n_tasks, timeout, say):

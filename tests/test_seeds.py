@@ -126,6 +126,7 @@ def test_bad_input_is_one_line_and_writes_nothing(serial, config, tmp_path, caps
              (["reproduce", "alexnet", "--seeds", "2", "--out", str(tmp_path / "a")], "trained weights"),
              (["reproduce", str(config), "--seeds", "0", "--out", str(tmp_path / "a")], "seeds must be"),
              (["reproduce", str(config), "--seeds", "1,1", "--out", str(tmp_path / "a")], "repeated"),
+             (["reproduce", str(config), "--seeds", str(10**15), "--out", str(tmp_path / "a")], "more than 10,000"),
              (["reproduce", str(config), "--seeds", "x", "--out", str(tmp_path / "a")], "--seeds 'x'"),
              (["reproduce", str(config), "--workers", "2", "--out", str(tmp_path / "a")], "give --seeds N"),
              (["reproduce", str(config), "--seeds", "2", "--workers", "0", "--out", str(tmp_path / "a")],
@@ -137,6 +138,27 @@ def test_bad_input_is_one_line_and_writes_nothing(serial, config, tmp_path, caps
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
     assert _snapshot(serial[0]) == before and not (tmp_path / "a").exists()
+
+
+BAD_CONFIGS = [({"tradeoff": True}, "'tradeoff' must be an object"), ({"tradeoff": {"ratios": [1.0]}}, "tradeoff.ratios"),
+               ({"tradeoff": {"ratios": [0.5], "epochs": -1}}, "tradeoff.epochs"),
+               ({"tradeoff": {"ratios": [0.5], "retrain": {"lr": -1}}}, "lr must be"),
+               ({"sensitivity": {"ratios": "0.5"}}, "sensitivity.ratios"), ({"sensitivity": {"x": 1}}, "keys among"),
+               ({"quantise": {"bits": 99}}, "bits"), ({"quantise": {"bits": 5, "sweep": {"layer": 3}}}, "sweep.layer"),
+               ({"bounds": {"max_test_error": "low"}}, "bounds.max_test_error"), ({"bounds": {"best": 1}}, "keys among"),
+               ({"description": 7}, "must be strings")]
+
+
+@pytest.mark.parametrize("change, message", BAD_CONFIGS)
+def test_a_bad_config_section_is_one_line_before_anything_runs(change, message, tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**TINY, **change}))
+    for args in (["reproduce", str(path), "--out", str(tmp_path / "o")],
+                 ["reproduce", str(path), "--seeds", "2", "--serial", "--out", str(tmp_path / "o")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sparsenet: error: {path}: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
 
 
 def test_a_failing_seed_is_recorded_and_the_others_finish(config, tmp_path, monkeypatch, capsys):

@@ -71,7 +71,10 @@ BAD = [({"bogus": 1}, "unknown keys bogus"), ({"seeds": None}, "'seeds' is missi
        ({"retrain": {"epochs": 2}}, "retrain: unknown settings ['epochs']"), ({"retrain": {"lr": -1}}, "lr must be"),
        ({"quality": {"fc9": 1.0}}, "no prunable layer fc9"), ({"rounds": 0}, "rounds must be"),
        ({"methods": ["l2-retrain"], "densities": [1e-4]}, "keeps no weight of lenet-300-100's layer fc3"),
-       ({"train": {"epochs": 0}}, "epochs must be"), ({"datasets": ["npz:nowhere.npz"]}, "no such .npz file")]
+       ({"train": {"epochs": 0}}, "epochs must be"), ({"datasets": ["npz:nowhere.npz"]}, "no such .npz file"),
+       ({"description": 5}, "description must be a string"), ({"name": ".."}, "not dots alone"),
+       ({"methods": [["han"]]}, "methods: ['han'] is not allowed"), ({"seeds": 10**15}, "more than 10,000"),
+       ({"rounds": 10**12}, "out of range")]
 
 
 @pytest.mark.parametrize("change, message", BAD)
@@ -125,6 +128,12 @@ def test_a_rerun_must_keep_the_settings(tmp_path):
     (tmp_path / "other" / "x").write_text("")
     with pytest.raises(SparsenetError, match="not a sweep folder"):
         sparsenet.sweep(SPEC, tmp_path / "other", serial=True, progress=False)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "spec.json").write_text("[]")
+    with pytest.raises(SparsenetError, match="damaged"):
+        sparsenet.sweep(SPEC, tmp_path / "odd", serial=True, progress=False)
+    with pytest.raises(SparsenetError, match="not a sweep folder"):  # "missing/.." is the folder holding "other"
+        sparsenet.sweep(SPEC, tmp_path / "missing" / "..", serial=True, progress=False)
 
 
 # ----------------------------------------------------------------------------- methods and the random criterion
@@ -345,10 +354,28 @@ def test_an_unreachable_scheduler_is_one_line_and_writes_nothing(tmp_path, capsy
                          ids=lambda p: p.name)
 def test_the_committed_specs_are_valid(path):
     spec = SW.load_spec(path)
-    assert spec["name"] and spec["description"] and len(SW.plan(spec)) >= 14
+    assert spec["name"] and spec["description"]
+    assert len(SW.plan(spec)) >= len(spec["seeds"]) * (1 + len(spec["methods"]) * len(spec["densities"]))
 
 
 @pytest.mark.mnist
+@pytest.mark.mnist
+def test_a_result_that_is_not_the_tasks_own_is_not_taken_for_it(reference, tmp_path):
+    """A result.json is taken only for the task it names, with the numbers the statistics read: a stub, another
+    task's result, or one with a missing error make that task run again (to the serial numbers)."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(reference[0], out)
+    tasks = {r["method"]: r["task"] for r in reference[1]["tasks"] if r["seed"] == 0}
+    han, rewind = (out / "tasks" / tasks[m] / "result.json" for m in ("han", "rewind"))
+    han.write_text(json.dumps({"status": "ok"}))
+    rewind.write_text((out / "tasks" / tasks["dense"] / "result.json").read_text())
+    result = sparsenet.sweep(SPEC, out, serial=True, progress=False)
+    assert result["where"] == "serial" and _records(result) == _records(reference[1])
+    assert json.loads(han.read_text())["task"] == tasks["han"]
+
+
 def test_a_study_kept_as_its_results_only_is_finished_in_pieces(reference, tmp_path):
     """What a repository keeps of a study (spec.json and each task's result.json, no run folders) reruns to
     nothing; with one result missing, that task runs again from its dense source, which is retrained
