@@ -356,11 +356,7 @@ def reproduce_seeds(name, seeds, out=None, *, scheduler=None, serial=False, work
     jobs = [{"task": f"seed-{s}", "seed": s, "deps": [], "weight": 1, "dir": str(out / f"seed-{s}"),
              "cfg": with_seed(cfg, s), "config": str(cfg_path.absolute()), "fingerprint": fingerprints[s],
              "data_dir": data_dir, "device": device, "threads": 1} for s in seeds]
-    records = {}
-    for job in jobs:
-        rec = _read(Path(job["dir"]) / "result.json") if (Path(job["dir"]) / "result.json").is_file() else None
-        if isinstance(rec, dict) and rec.get("status") == "ok" and rec.get("fingerprint") == job["fingerprint"]:
-            records[job["task"]] = rec
+    records = {job["task"]: rec for job in jobs if _valid_seed_record(rec := _stored(job), job)}
     todo = [job for job in jobs if job["task"] not in records]
     say, t0 = sweeps._say("reproduce", progress), time.perf_counter()
     with sweeps.task_engine(scheduler, serial, workers, len(todo), timeout, say) as (client, where):
@@ -382,6 +378,23 @@ def reproduce_seeds(name, seeds, out=None, *, scheduler=None, serial=False, work
     failed = sum(r["status"] != "ok" for r in result["tasks"])
     say(f"wrote {out / 'report.md'}" + (f"; {failed} seeds failed (see the report)" if failed else ""))
     return {**result, "results_dir": str(out)}
+
+
+def _stored(job):
+    """The ``result.json`` of a seed's folder, or None (missing or damaged)."""
+    try:
+        return json.loads((Path(job["dir"]) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _valid_seed_record(rec, job):
+    """``rec`` is the ``ok`` record of this seed run with this config, with the numbers the statistics read."""
+    if not isinstance(rec, dict) or rec.get("status") != "ok" or rec.get("seed") != job["seed"] or rec.get(
+            "fingerprint") != job["fingerprint"] or not isinstance(rec.get("weights_left"), dict):
+        return False
+    return all(not isinstance(rec.get(k), bool) and isinstance(rec.get(k), (int, float)) and math.isfinite(rec[k])
+               for k in ("dense_error", "pruned_error", "compression", "nonzero_params"))
 
 
 def _seed_list(seeds):

@@ -107,6 +107,11 @@ def test_a_rerun_runs_only_the_seeds_not_done(serial, config, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed-*/result.json")}
     again = reproduce_seeds(config, 3, out, serial=True, progress=False)
     assert again["where"] == "nothing to run" and _records(again) == _records(serial[1])
+    (out / "seed-1" / "result.json").write_text("{damaged")  # a damaged or stub result: that seed runs again
+    (out / "seed-2" / "result.json").write_text(json.dumps({"status": "ok", "seed": 2}))
+    again = reproduce_seeds(config, 3, out, serial=True, progress=False)
+    assert again["where"] == "serial" and _records(again) == _records(serial[1])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed-*/result.json")}
     shutil.rmtree(out / "seed-0" / "work")  # a study kept as its results is still done
     more = reproduce_seeds(config, [0, 1, 2, 3], out, serial=True, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
