@@ -564,18 +564,18 @@ def _reproduce_seeds(a):
 
 
 def cmd_sweep(a):
-    from .report import pct
+    from .report import count, kept, pct
     from .sweeps import sweep
 
     r = sweep(a.spec, a.out, scheduler=a.scheduler, serial=a.serial, workers=a.workers, data_dir=a.data_dir,
               device=a.device, progress=not a.no_progress, timeout=a.connect_timeout)
     for g in r["groups"]:
-        print(f"{g['label']}: dense {pct(g['dense']['mean'], 2)} over {g['dense']['n']} seeds")
+        print(f"{g['label']}: dense {pct(g['dense']['mean'], 2)} over {count(g['dense']['n'], 'seed')}")
         for row in g["rows"]:
             sd = "" if row["sd"] is None else f" ± {100 * row['sd']:.2f}"
             failed = f", {row['failed']} failed" if row["failed"] else ""
-            print(f"  {row['method']:>13} {pct(row['density'], 1):>6} kept: {pct(row['mean'], 2)}{sd} "
-                  f"({row['n']} seeds{failed})")
+            print(f"  {row['method']:>13} {kept(row['density']):>6} kept: {pct(row['mean'], 2)}{sd} "
+                  f"({count(row['n'], 'seed')}{failed})")
     failed = sum(t["status"] != "ok" for t in r["tasks"])
     print(f"report: {r['out']}/report.md" + (f" ({failed} tasks failed; a rerun retries them)" if failed else ""))
 

@@ -163,6 +163,16 @@ def pct(v, digits=1):
     return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
+def count(n, noun):
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``count(1, "seed")`` -> \"1 seed\"."""
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('s') else 's'}"
+
+
+def kept(d):
+    """A kept fraction as the percentage it was asked for: 0.0185 -> \"1.85%\", 0.2 -> \"20%\", 0.031 -> \"3.1%\"."""
+    return "-" if d is None else f"{100 * d:.3g}%"
+
+
 def text_table(header, rows):
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))

@@ -53,7 +53,7 @@ from .engine import RETRAIN_DEFAULTS, Schedule, TrainConfig
 from .model import MODELS, check_spec, model_spec
 from .optim import SETTINGS
 from .pruning import densities as layer_densities
-from .report import md_table, pct
+from .report import count, kept, md_table, pct
 from .stats import ALPHA, describe, paired, verdict
 from .util import SparsenetError, atomic_path, eta, progress_bar, whole, write_text_atomic
 
@@ -506,7 +506,7 @@ def _connect(scheduler, workers, n_tasks, timeout, say):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=f":{port}",
                                silence_logs=logging.CRITICAL)
         client = Client(cluster, set_as_default=False)
-        where = f"Dask LocalCluster, {n} worker process{'es' if n != 1 else ''}"
+        where = f"Dask LocalCluster, {count(n, 'worker process')}"
         say(f"{where}, 1 thread each")
     if "dashboard" in client.scheduler_info().get("services", {}):
         say(f"dashboard: {client.dashboard_link}" + ("" if scheduler is not None or find_spec("bokeh") else
@@ -713,7 +713,7 @@ def claims(pairs, densities):
                         "sentence": f"{head} — not tested by this sweep (it needs {a} and {b})."})
             continue
         v = verdict(cs)
-        detail = "; ".join(f"{pct(c['density'], 0 if c['density'] >= 0.1 else 1)} kept: {a} − {b} = "
+        detail = "; ".join(f"{kept(c['density'])} kept: {a} − {b} = "
                            f"{100 * c['mean_diff']:+.2f} points" + (
                                f" [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}], p = {_p(c['p'])}"
                                if c["p"] is not None else "") + f", {c['n']} seeds" for c in cs)
@@ -755,9 +755,9 @@ def format_report(result):
     s = result["spec"]
     work = sum(r.get("run_seconds", 0) for r in result["tasks"] if r["status"] == "ok")
     lines = [f"# Sweep {result['name']}", "", *([s["description"], ""] if s["description"] else []),
-             f"{len(s['seeds'])} seeds ({', '.join(map(str, s['seeds']))}) × {len(s['methods'])} methods × "
-             f"{len(s['densities'])} kept fractions; iterative methods: {s['rounds']} rounds × {s['epochs']} "
-             f"retraining epochs; dense training: {s['train']['epochs']} epochs. Test errors over seeds: mean ± "
+             f"{count(len(s['seeds']), 'seed')} ({', '.join(map(str, s['seeds']))}) × "
+             f"{count(len(s['methods']), 'method')} × {count(len(s['densities']), 'kept fraction')}; iterative "
+             f"methods: {count(s['rounds'], 'round')} × {count(s['epochs'], 'retraining epoch')}; dense training: {s['train']['epochs']} epochs. Test errors over seeds: mean ± "
              f"standard deviation and the 95% t-interval of the mean; comparisons paired by seed (paired t-test; "
              f"significant when p < {ALPHA}). {len(result['tasks'])} tasks, {eta(work)} of worker time in all (the "
              f"tasks' own times, whichever call ran them); this call: {result.get('where', '-')}, "
@@ -766,7 +766,7 @@ def format_report(result):
         d = g["dense"]
         lines += [f"## {g['label']}", "", f"Dense: test error {_mean_sd(d)} (95% CI {_ci(d)}, {d['n']} seeds, "
                   f"{d['epochs'] or 0:.0f} epochs).", ""]
-        rows = [[r["method"], pct(r["density"], 1), r["n"], _mean_sd(r), _ci(r), pct(r["weights_left"], 2),
+        rows = [[r["method"], kept(r["density"]), r["n"], _mean_sd(r), _ci(r), pct(r["weights_left"], 2),
                  "-" if r["compression"] is None else f"{r['compression']:.1f}×",
                  "-" if r["epochs"] is None else f"{r['epochs']:.0f} / {r['total_epochs']:.0f}",
                  r["failed"] or ""] for r in sorted(g["rows"], key=lambda r: (-r["density"], r["method"]))]
@@ -776,7 +776,7 @@ def format_report(result):
         lines += ["", "### Beyond the paper", ""] + [f"- {c['sentence']}" for c in g["claims"] if not c["paper"]]
         vs = [c for c in g["paired"] if "han" in (c["a"], c["b"]) and c["p"] is not None]
         if vs:
-            rows = [[pct(c["density"], 1), c["b"] if c["a"] == "han" else c["a"],
+            rows = [[kept(c["density"]), c["b"] if c["a"] == "han" else c["a"],
                      f"{sign * 100 * c['mean_diff']:+.2f}", f"[{sign * 100 * c['ci'][lo]:+.2f}, "
                      f"{sign * 100 * c['ci'][1 - lo]:+.2f}]", _p(c["p"]), c["n"]]
                     for c in vs for sign, lo in [(1, 0) if c["b"] == "han" else (-1, 1)]]
@@ -784,7 +784,7 @@ def format_report(result):
                       md_table(["kept", "method", "difference", "95% CI", "p", "seeds"], rows)]
         bases = list(dict.fromkeys((f["baseline"], f["error"]) for f in g["frontier"]))
         cell = {(f["method"], f["baseline"]): "-" if f["density"] is None else
-                f"{f['compression']:.1f}× ({pct(f['density'], 1)} kept, {pct(f['mean'], 2)})" for f in g["frontier"]}
+                f"{f['compression']:.1f}× ({kept(f['density'])} kept, {pct(f['mean'], 2)})" for f in g["frontier"]}
         lines += ["", "### Frontier: the highest compression whose mean error stays at or under", "",
                   md_table(["method", *(f"{b} ({pct(e, 2)})" for b, e in bases)],
                            [[m, *(cell[m, b] for b, _ in bases)] for m in dict.fromkeys(f["method"] for f in

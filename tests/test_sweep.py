@@ -359,7 +359,6 @@ def test_the_committed_specs_are_valid(path):
 
 
 @pytest.mark.mnist
-@pytest.mark.mnist
 def test_a_result_that_is_not_the_tasks_own_is_not_taken_for_it(reference, tmp_path):
     """A result.json is taken only for the task it names, with the numbers the statistics read: a stub, another
     task's result, or one with a missing error make that task run again (to the serial numbers)."""
