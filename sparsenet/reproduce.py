@@ -413,19 +413,12 @@ def _seed_list(seeds):
 
 def _check_seeds_out(out, cfg):
     """``out`` is new, empty, or holds this experiment over seeds with the same config (read only)."""
-    if out.exists() and not out.is_dir():
-        raise SparsenetError(f"{out}: not a folder")
-    stored = out / "study.json"
-    if stored.is_file():
-        try:
-            old = json.loads(stored.read_text())
-        except ValueError:
-            raise SparsenetError(f"{stored}: damaged (not JSON); use another --out") from None
-        if not isinstance(old, dict) or old.get("config") != json.loads(json.dumps(cfg)):
-            raise SparsenetError(f"{out} holds {old.get('experiment') if isinstance(old, dict) else 'a study'} over "
-                                 "seeds with another config; only the seeds may change in a rerun: use another --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise SparsenetError(f"{out} exists and holds no experiment over seeds (no study.json); use another --out")
+    from .sweeps import stored_study
+
+    old = stored_study(out, "study.json", "folder of an experiment over seeds")
+    if old is not None and old.get("config") != json.loads(json.dumps(cfg)):
+        raise SparsenetError(f"{out} holds {old.get('experiment', 'a study')} over seeds with another config; only "
+                             "the seeds may change in a rerun: use another --out")
 
 
 def seed_task(job):

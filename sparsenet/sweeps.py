@@ -422,22 +422,31 @@ def sweep(spec, out=None, *, scheduler=None, serial=False, workers=None, data_di
 
 def _check_out(out, spec):
     """``out`` is new, empty, or a sweep folder started with the same settings (read only; writes nothing)."""
+    old = stored_study(out, "spec.json", "sweep folder")
+    if old is not None:
+        changed = [k for k in SETTINGS_KEYS if old.get(k) != json.loads(json.dumps(spec[k]))]
+        if changed:
+            raise SparsenetError(f"{out} holds a sweep with other settings ({', '.join(changed)}); only the axes "
+                                 f"({', '.join(AXES)}) may change in a rerun: use another --out")
+
+
+def stored_study(out, marker, what):
+    """The JSON object in ``out/marker`` left by a study started there (None when ``out`` is new or empty); one
+    line when ``out`` is a file, the marker is damaged, or ``out`` holds other things and no marker. Reads only."""
     if out.exists() and not out.is_dir():
         raise SparsenetError(f"{out}: not a folder")
-    stored = out / "spec.json"
+    stored = out / marker
     if stored.is_file():
         try:
             old = json.loads(stored.read_text())
         except ValueError:
             old = None
         if not isinstance(old, dict):
-            raise SparsenetError(f"{stored}: damaged (not a sweep's spec); use another --out")
-        changed = [k for k in SETTINGS_KEYS if old.get(k) != json.loads(json.dumps(spec[k]))]
-        if changed:
-            raise SparsenetError(f"{out} holds a sweep with other settings ({', '.join(changed)}); only the axes "
-                                 f"({', '.join(AXES)}) may change in a rerun: use another --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise SparsenetError(f"{out} exists and is not a sweep folder (no spec.json); use another --out")
+            raise SparsenetError(f"{stored}: damaged (not a {what}'s {marker}); use another --out")
+        return old
+    if out.is_dir() and any(out.iterdir()):
+        raise SparsenetError(f"{out} exists and is not a {what} (no {marker}); use another --out")
+    return None
 
 
 def _finished(jobs):
