@@ -301,13 +301,18 @@ class _Run:
         save_checkpoint(self.ckpt, self.net, opt, self.rng, self.state["epoch"], config, self.log)
         self.write_views(settings=False)
 
-    def write_views(self, settings=True):
-        """``log.jsonl`` and (when a run starts or resumes: they do not change) its settings."""
-        write_text_atomic(self.dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.log))
+    def write_views(self, settings=True, stale_only=False):
+        """``log.jsonl`` and (when a run starts or resumes: they do not change) its settings; ``stale_only``:
+        only a view that differs from the checkpoint's (a kill between a commit and its views left it behind)."""
+        name, value = ("schedule.json", self.schedule.to_dict()) if self.schedule.prunes else ("config.json",
+                                                                                               self.base_config)
+        views = {"log.jsonl": "".join(json.dumps(r) + "\n" for r in self.log)}
         if settings:
-            name, value = ("schedule.json", self.schedule.to_dict()) if self.schedule.prunes else ("config.json",
-                                                                                                   self.base_config)
-            write_text_atomic(self.dir / name, json.dumps(value, indent=2) + "\n")
+            views[name] = json.dumps(value, indent=2) + "\n"
+        for name, text in views.items():
+            path = self.dir / name
+            if not (stale_only and path.is_file() and path.read_text() == text):
+                write_text_atomic(path, text)
 
 
 def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, data_dir=None, device=None,
@@ -317,8 +322,9 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     ``base_config``: dataset, train_subset, …). ``epochs`` raises a resumed dense run's length.
 
     Resuming checks the whole stored state first (:func:`check_run_state`; ``expect``: the kind
-    of run the caller continues, :data:`RUN_KINDS`) and writes nothing when it does not hold, or
-    when the run is already finished. A new run that fails with a :class:`SparsenetError` before
+    of run the caller continues, :data:`RUN_KINDS`) and writes nothing when it does not hold; a
+    finished run only gets back the views (``log.jsonl``, its settings) that a kill between the
+    last commit and its views left behind. A new run that fails with a :class:`SparsenetError` before
     its first epoch is saved leaves nothing behind (no folder, no files)."""
     run_dir = Path(run_dir)
     xp = array_module(device)
@@ -366,7 +372,8 @@ def run(run_dir, schedule=None, *, source=None, base_config=None, resume=False, 
     data = open_splits(base_config, net, xp, data_dir)
     if resume:
         _check_iteration(state, schedule, len(data["train"]), run_dir)
-        if _finished(state, schedule):
+        if _finished(state, schedule):  # nothing to run; views a kill left behind the checkpoint are brought up
+            _Run(run_dir, net, schedule, state, base_config, log, rng, False).write_views(stale_only=True)
             if progress:
                 print(f"{run_dir}: {describe_state(state, schedule)}; nothing to do", file=sys.stderr)
             return log

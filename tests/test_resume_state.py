@@ -81,6 +81,22 @@ def test_the_right_command_resumes_a_finished_run_without_writing(runs, tmp_path
 
 
 # ----------------------------------------------------------------------------- the stored position
+@mnist
+def test_a_finished_run_gets_back_the_views_a_kill_left_behind(runs, tmp_path, capsys):
+    """A kill after the last checkpoint commit but before its views (``log.jsonl``, the settings) were rewritten
+    leaves them one step behind; resuming the finished run rewrites them from the checkpoint, and only them."""
+    for name, command, settings in (("dense", "train", "config.json"), ("prune", "prune", "schedule.json"),
+                                    ("quant", "quantise", "schedule.json")):
+        run = copy_run(runs, name, tmp_path)
+        before = snapshot(run)
+        log = run / "log.jsonl"
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))  # the last record not yet there
+        (run / settings).unlink()
+        assert cli.main([command, "--out", str(run), "--resume"]) == 0
+        assert "finished" in capsys.readouterr().err
+        assert snapshot(run) == before, name
+
+
 def _edit_state(ck_path, edit):
     """Rewrite the run state stored in a checkpoint's config (as a damaged or hand-edited file would have it)."""
     with h5py.File(ck_path, "r+") as f:
