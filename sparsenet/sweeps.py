@@ -283,8 +283,8 @@ def run_task(job, *deps):
     dict
         The task's record: ``status`` ``"ok"`` with test_error, weights_left, layers (kept fraction per
         layer), compression, nonzero_params, params, epochs (its own), total_epochs (with the tasks it
-        needed), seconds, resumed, blas; or ``"failed"`` with a one-line ``reason``. It never raises
-        (but KeyboardInterrupt); an ``ok`` record is also written to ``result.json`` in its run folder.
+        needed), seconds, resumed, blas, and for a pruned network ``dead_removed`` (:func:`_dead_removed`);
+        or ``"failed"`` with a one-line ``reason``. It never raises (but KeyboardInterrupt); an ``ok`` record is also written to ``result.json`` in its run folder.
     """
     from threadpoolctl import threadpool_limits
 
@@ -339,7 +339,8 @@ def _run(job, deps):
     else:
         log = engine.run(d, plan_.config.schedule(), source=plan_.net, base_config=dataclasses.asdict(plan_.config),
                          **kw)
-    net = load_checkpoint(d / "checkpoint.h5").net
+    ck = load_checkpoint(d / "checkpoint.h5", array_module(job["device"]))
+    net = ck.net
     origin, nonzero = net.origin.values(), net.count_nonzero()
     params = sum(o["params"] for o in origin)
     epochs = sum(1 for r in log if r.get("event", "epoch") == "epoch" and "loss" in r)
@@ -351,7 +352,24 @@ def _run(job, deps):
             "nonzero_params": nonzero, "params": params, "epochs": epochs,
             "total_epochs": epochs + sum(x["total_epochs"] for x in deps),
             "seconds": round(sum(r.get("seconds", 0) for r in log if r.get("event") != "round"), 3),
-            "run_seconds": round(time.perf_counter() - t0, 3), "resumed": resumed}
+            "run_seconds": round(time.perf_counter() - t0, 3), "resumed": resumed,
+            **({} if job["density"] is None else {"dead_removed": _dead_removed(ck, job["data_dir"], params)})}
+
+
+def _dead_removed(ck, data_dir, params):
+    """§3.5 on the task's final network (loaded checkpoint ``ck``, changed in place): the methods keep dead
+    neurons, a deployed network drops them (as ``sparsenet prune`` does), which changes no output. Returns
+    ``{"units", "nonzero_params", "compression", "test_error"}``, the error measured again on the shrunk
+    network."""
+    from .data import open_splits
+    from .engine import test_errors
+    from .pruning import remove_dead_neurons
+
+    units = remove_dead_neurons(ck.net)
+    test = open_splits(ck.config, ck.net, ck.net.xp, data_dir, split="test")["test"]
+    nonzero = ck.net.count_nonzero()
+    return {"units": units, "nonzero_params": nonzero, "compression": round(params / nonzero, 3),
+            "test_error": test_errors(ck.net, test)["test_error"]}
 
 
 def _same_settings(path, want):
@@ -477,9 +495,14 @@ def _valid_record(rec, job):
     method, network, data set, seed, density) with every number the statistics read, finite."""
     if not isinstance(rec, dict) or rec.get("status") != "ok" or any(rec.get(k) != job[k] for k in IDENTITY):
         return False
-    numbers = ("test_error", "weights_left", "compression", "epochs", "total_epochs")
-    return all(not isinstance(rec.get(k), bool) and isinstance(rec.get(k), (int, float)) and math.isfinite(rec[k])
-               for k in numbers) and isinstance(rec.get("layers"), dict)
+    def finite(r, keys):
+        return all(not isinstance(r.get(k), bool) and isinstance(r.get(k), (int, float)) and math.isfinite(r[k])
+                   for k in keys)
+
+    gone = rec.get("dead_removed", {})  # absent in the records of older versions
+    return (finite(rec, ("test_error", "weights_left", "compression", "epochs", "total_epochs"))
+            and isinstance(rec.get("layers"), dict) and isinstance(gone, dict)
+            and (not gone or finite(gone, ("test_error", "compression"))))
 
 
 def _connect(scheduler, workers, n_tasks, timeout, say):
@@ -678,7 +701,10 @@ def summarise(spec, records):
         rows = []
         for (m, d), by_seed in err.items():
             rs = list(by_seed.values())
-            rows.append({"method": m, "density": d, **describe([r["test_error"] for r in rs]),
+            gone = [r.get("dead_removed") for r in rs]  # §3.5 (tasks of older versions lack it)
+            after = {} if not rs or None in gone else {"dead_removed": {
+                **describe([g["test_error"] for g in gone]), "compression": _mean([g["compression"] for g in gone])}}
+            rows.append({"method": m, "density": d, **describe([r["test_error"] for r in rs]), **after,
                          "failed": sum(r["status"] != "ok" for r in mine if (r["method"], r["density"]) == (m, d)),
                          **{k: _mean([r[k] for r in rs]) for k in ("weights_left", "compression", "epochs",
                                                                     "total_epochs")}})
@@ -737,21 +763,32 @@ def _p(p):
 
 def frontier(rows, baselines):
     """Per method and baseline (name → error), the highest mean compression among the densities whose
-    mean test error over seeds is at or under the baseline (None when none is)."""
+    mean test error over seeds is at or under the baseline (None when none is); then the same after §3.5
+    (method ``"<m>, dead neurons removed"``, from the rows' ``dead_removed``) where every row has it."""
     out = []
     for m in dict.fromkeys(r["method"] for r in rows):
-        for name, base in baselines.items():
-            good = [r for r in rows if r["method"] == m and r["mean"] is not None and base is not None
-                    and r["mean"] <= base]
-            best = max(good, key=lambda r: r["compression"], default=None)
-            out.append({"method": m, "baseline": name, "error": base, "density": best and best["density"],
-                        "compression": best and best["compression"], "mean": best and best["mean"]})
+        mine = [r for r in rows if r["method"] == m]
+        for label, rs in ((m, mine), (f"{m}, dead neurons removed", [{**r["dead_removed"], "density": r["density"]}
+                                                                     for r in mine if "dead_removed" in r])):
+            if label != m and len(rs) < len(mine):
+                continue
+            for name, base in baselines.items():
+                good = [r for r in rs if r["mean"] is not None and base is not None and r["mean"] <= base]
+                best = max(good, key=lambda r: r["compression"], default=None)
+                out.append({"method": label, "baseline": name, "error": base, "density": best and best["density"],
+                            "compression": best and best["compression"], "mean": best and best["mean"]})
     return out
 
 
 # ----------------------------------------------------------------------------- report and figure
 def _mean_sd(s):
     return "-" if s["mean"] is None else pct(s["mean"], 2) + ("" if s["sd"] is None else f" ± {100 * s['sd']:.2f}")
+
+
+def _after(r):
+    """A row's compression and mean error once the dead neurons are removed (§3.5), or "-"."""
+    a = r.get("dead_removed")
+    return "-" if not a or a["mean"] is None else f"{a['compression']:.1f}× ({pct(a['mean'], 2)})"
 
 
 def _ci(s):
@@ -776,11 +813,12 @@ def format_report(result):
         lines += [f"## {g['label']}", "", f"Dense: test error {_mean_sd(d)} (95% CI {_ci(d)}, {d['n']} seeds, "
                   f"{d['epochs'] or 0:.0f} epochs).", ""]
         rows = [[r["method"], kept(r["density"]), r["n"], _mean_sd(r), _ci(r), pct(r["weights_left"], 2),
-                 "-" if r["compression"] is None else f"{r['compression']:.1f}×",
+                 "-" if r["compression"] is None else f"{r['compression']:.1f}×", _after(r),
                  "-" if r["epochs"] is None else f"{r['epochs']:.0f} / {r['total_epochs']:.0f}",
                  r["failed"] or ""] for r in sorted(g["rows"], key=lambda r: (-r["density"], r["method"]))]
         lines += [md_table(["method", "kept (target)", "seeds", "test error", "95% CI", "weights left",
-                            "compression", "epochs (own / with its sources)", "failed"], rows), ""]
+                            "compression", "dead neurons removed (§3.5)", "epochs (own / with its sources)",
+                            "failed"], rows), ""]
         lines += ["### The paper's claims", ""] + [f"- {c['sentence']}" for c in g["claims"] if c["paper"]]
         lines += ["", "### Beyond the paper", ""] + [f"- {c['sentence']}" for c in g["claims"] if not c["paper"]]
         vs = [c for c in g["paired"] if "han" in (c["a"], c["b"]) and c["p"] is not None]

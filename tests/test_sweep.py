@@ -396,3 +396,31 @@ def test_a_study_kept_as_its_results_only_is_finished_in_pieces(reference, tmp_p
     rewind = leaf.relative_to(out / "tasks").as_posix()
     assert ran == {rewind, rewind.rsplit("/", 1)[0] + "/dense", rewind.replace("rewind", "han")}, ran
     assert all(_logs(out)[t] == _logs(reference[0])[t] for t in ran)
+
+
+@pytest.mark.mnist
+def test_dead_neurons_removed_change_no_output_and_count_in_the_frontier(reference):
+    """Every pruned task records §3.5 on its final network: the units ``remove_dead_neurons`` finds in the
+    checkpoint, the parameters left (at most the masked count) and the test error measured again, the same;
+    the rows and the frontier carry them as a method of their own."""
+    out, result = reference
+    pruned = [r for r in result["tasks"] if r["density"] is not None]
+    assert pruned
+    for r in pruned:
+        net = sparsenet.load_checkpoint(out / "tasks" / r["task"] / "checkpoint.h5").net
+        units = pruning.remove_dead_neurons(net)
+        gone = r["dead_removed"]
+        assert gone["units"] == units and gone["nonzero_params"] == net.count_nonzero() <= r["nonzero_params"]
+        assert gone["compression"] == round(r["params"] / gone["nonzero_params"], 3) >= r["compression"]
+        assert gone["test_error"] == r["test_error"]
+    group = result["groups"][0]
+    for row in group["rows"]:
+        mine = [r for r in pruned if (r["method"], r["density"]) == (row["method"], row["density"])]
+        assert row["dead_removed"]["compression"] == pytest.approx(
+            sum(r["dead_removed"]["compression"] for r in mine) / len(mine))
+    labels = {f["method"] for f in group["frontier"]}
+    assert labels == {"han", "rewind", "han, dead neurons removed", "rewind, dead neurons removed"}
+    assert "dead neurons removed (§3.5)" in SW.format_report(result)
+    stale = {k: v for k, v in pruned[0].items() if k != "dead_removed"}  # a record of an older version
+    assert SW._valid_record(stale, stale) and not SW._valid_record({**stale, "dead_removed": {"test_error": None}},
+                                                                    stale)
