@@ -845,6 +845,12 @@ def format_report(result):
     return "\n".join(lines)
 
 
+def minor_label(v, low, high):
+    """The label of a minor tick at ``v`` on a log axis from ``low`` to ``high``: every tick when the range is
+    narrow (under 4×), else those whose leading digit is 2, 3 or 5 (0.2, 3, 50, …)."""
+    return f"{v:g}" if f"{v:.0e}"[0] in ("123456789" if high / low < 4 else "235") else ""
+
+
 def _plot(result, g, path):
     """Test error against kept fraction, per method: the mean over seeds with its 95% band, the dense error's
     band beside it (PNG; None without matplotlib)."""
@@ -883,9 +889,10 @@ def _plot(result, g, path):
             from matplotlib.ticker import FuncFormatter
 
             ax.set_yscale("log")
-            ax.set_ylim(0.8 * min(means), min(100, 1.5 * max(means)))  # bands of few seeds can be wide
+            low, high = 0.8 * min(means), min(100, 1.5 * max(means))  # bands of few seeds can be wide
+            ax.set_ylim(low, high)
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "235" else ""))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: minor_label(v, low, high)))
         ax.set(xlabel="kept fraction of the prunable weights (log scale)", ylabel="test error (%, log scale)",
                title=f"{g['label']}: mean over {len(result['spec']['seeds'])} seeds, 95% bands")
         ax.grid(alpha=0.3)

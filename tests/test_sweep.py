@@ -424,3 +424,11 @@ def test_dead_neurons_removed_change_no_output_and_count_in_the_frontier(referen
     stale = {k: v for k, v in pruned[0].items() if k != "dead_removed"}  # a record of an older version
     assert SW._valid_record(stale, stale) and not SW._valid_record({**stale, "dead_removed": {"test_error": None}},
                                                                     stale)
+
+
+def test_the_figures_log_axis_labels_its_minor_ticks():
+    """A narrow error range (a frontier study: 0.6–1.2%) gets every minor tick labelled; a wide one only the
+    2s, 3s and 5s, below 1% as above it."""
+    assert [SW.minor_label(v, 0.55, 1.25) for v in (0.6, 0.7, 0.9)] == ["0.6", "0.7", "0.9"]
+    assert [SW.minor_label(v, 0.4, 40) for v in (0.2, 0.3, 0.4, 0.7, 5, 8, 20)] == ["0.2", "0.3", "", "", "5", "",
+                                                                                   "20"]
