@@ -284,7 +284,8 @@ def run_task(job, *deps):
         The task's record: ``status`` ``"ok"`` with test_error, weights_left, layers (kept fraction per
         layer), compression, nonzero_params, params, epochs (its own), total_epochs (with the tasks it
         needed), seconds, resumed, blas, and for a pruned network ``dead_removed`` (:func:`_dead_removed`);
-        or ``"failed"`` with a one-line ``reason``. It never raises (but KeyboardInterrupt); an ``ok`` record is also written to ``result.json`` in its run folder.
+        or ``"failed"`` with a one-line ``reason``. It never raises (but KeyboardInterrupt); an ``ok`` record
+        is also written to ``result.json`` in its run folder.
     """
     from threadpoolctl import threadpool_limits
 
@@ -768,10 +769,11 @@ def frontier(rows, baselines):
     out = []
     for m in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == m]
-        for label, rs in ((m, mine), (f"{m}, dead neurons removed", [{**r["dead_removed"], "density": r["density"]}
-                                                                     for r in mine if "dead_removed" in r])):
-            if label != m and len(rs) < len(mine):
-                continue
+        variants = [(m, mine)]
+        if all("dead_removed" in r for r in mine):
+            variants.append((f"{m}, dead neurons removed", [{**r["dead_removed"], "density": r["density"]}
+                                                            for r in mine]))
+        for label, rs in variants:
             for name, base in baselines.items():
                 good = [r for r in rs if r["mean"] is not None and base is not None and r["mean"] <= base]
                 best = max(good, key=lambda r: r["compression"], default=None)
